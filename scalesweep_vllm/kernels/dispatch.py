@@ -1,0 +1,72 @@
+"""Launch-side checks and backend choice (torch reference for now; Triton is added here)."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import nvfp4, sweep
+
+METHODS = ("absmax", "mse", "wmse")
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check(x: torch.Tensor, method: str, weight: torch.Tensor | None, backend: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"unknown backend {backend!r}; choose auto, torch or triton")
+    if not isinstance(x, torch.Tensor) or x.dtype not in _DTYPES:
+        raise TypeError(f"x must be a float32/float16/bfloat16 tensor, got {getattr(x, 'dtype', x)}")
+    if method == "wmse" and weight is None:
+        raise ValueError("method 'wmse' needs a weight (per-column importance, >= 0)")
+    if method != "wmse" and weight is not None:
+        raise ValueError(f"method {method!r} takes no weight; use method='wmse'")
+
+
+def _scales(x, global_scale, method, weight):
+    if method == "absmax":
+        return sweep.absmax_scales(x, global_scale)
+    return sweep.sweep_scales(x, global_scale, weight if method == "wmse" else None)
+
+
+def quantize(
+    x: torch.Tensor,
+    global_scale: torch.Tensor | float,
+    method: str = "mse",
+    weight: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NVFP4-quantize x: packed E2M1 codes and FP8 block scales."""
+    _check(x, method, weight, backend)
+    scales = _scales(x, global_scale, method, weight)
+    codes = sweep.quantize_codes(x, global_scale, scales)
+    return nvfp4.pack_fp4(codes), scales
+
+
+def dequantize(
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    global_scale: torch.Tensor | float,
+    dtype: torch.dtype = torch.bfloat16,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Decode packed NVFP4 in compressed-tensors' order: ``(v / G) * q``, then cast."""
+    codes = nvfp4.unpack_fp4(packed)
+    if scales.shape[-1] * nvfp4.BLOCK_SIZE != codes.shape[-1]:
+        raise ValueError(f"scales {tuple(scales.shape)} do not match packed {tuple(packed.shape)}")
+    g = torch.as_tensor(global_scale, dtype=torch.float32, device=packed.device).reshape(())
+    s = (scales.to(torch.float32) / g).repeat_interleave(nvfp4.BLOCK_SIZE, dim=-1)
+    return (s * nvfp4.decode_e2m1(codes)).to(dtype)
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    global_scale: torch.Tensor | float,
+    method: str = "mse",
+    weight: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Quantize-dequantize, same shape and dtype as x."""
+    _check(x, method, weight, backend)
+    scales = _scales(x, global_scale, method, weight)
+    return sweep.quantize_dequantize(x, global_scale, scales).to(x.dtype)

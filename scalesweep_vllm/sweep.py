@@ -1,0 +1,392 @@
+"""ScaleSweep, the reference: pure torch, the specification every kernel matches.
+
+For a block of 16 values x with weights w >= 0 (w = 1: MSE), ScaleSweep picks
+the FP8 E4M3 code c whose scale minimises the reconstruction error; ties go to
+the smaller code. Exhaustive search tries all 126 positive codes; the default
+tries only the codes inside proven bounds (:func:`sweep_bounds`) and returns
+the same code on every block.
+
+The arithmetic is fixed so that Triton kernels reproduce it bit for bit:
+
+* ``a = |x|`` in fp32 (the error is symmetric in the sign);
+* per candidate value ``v`` (fp32): ``inv = G / v`` (IEEE division),
+  ``r = a * inv``, ``q = round_e2m1(r)``, ``d = r - q``, ``e = (d * d) * w``;
+* ``S`` = the 16 terms summed as a fixed pairwise tree (adjacent pairs, then
+  pairs of pairs, ...), no fused multiply-add;
+* the compared error is ``E'(c) = S * (v * v)`` (``v * v`` is exact). It is the
+  block's squared error in units of ``1/G^2`` (``E = E' / G^2``), computed in
+  the scaled domain so that the bounds below hold exactly in fp32, not just in
+  real arithmetic.
+
+Quantized codes use the same ``r = x * (G / v)``; decoding is
+compressed-tensors' ``(v / G) * q``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .nvfp4 import (
+    BLOCK_SIZE,
+    FP4_MAX,
+    FP8_MAX,
+    FP8_MAX_CODE,
+    GLOBAL_SCALE_MAX,
+    decode_e2m1,
+    encode_e2m1,
+    fp8_ceil_code,
+    fp8_code_to_value,
+    fp8_rne_code,
+    fp8_value_to_code,
+    round_e2m1_magnitude,
+)
+
+__all__ = [
+    "BOUNDS_VERSION",
+    "LOWER_BOUND_MARGIN",
+    "MSE_LOWER_OFFSET",
+    "UPPER_OFFSET",
+    "absmax_codes",
+    "absmax_scales",
+    "block_errors",
+    "candidate_errors",
+    "four_over_six_scales",
+    "quantize_codes",
+    "quantize_dequantize",
+    "sweep_bounds",
+    "sweep_codes",
+    "sweep_scales",
+    "validate",
+]
+
+#: Bumped whenever the bounds or the error arithmetic change (recorded in checkpoints).
+BOUNDS_VERSION = 1
+#: Window above the AbsMax code c0 (any weights), see :func:`sweep_bounds`.
+UPPER_OFFSET = 7
+#: Certified window below c0 for MSE (ScaleSweep authors' public notes).
+MSE_LOWER_OFFSET = 3
+#: Relative safety margin of the data-dependent lower bound (covers fp32 rounding).
+LOWER_BOUND_MARGIN = 2.0**-8
+
+
+# ---------------------------------------------------------------------------
+# Input checks, shared by the reference and the kernel launchers.
+# ---------------------------------------------------------------------------
+
+
+def validate(
+    x: torch.Tensor,
+    global_scale: torch.Tensor | float,
+    weight: torch.Tensor | None = None,
+    name: str = "x",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Check shapes and values; return ``(G as a 0-dim fp32 tensor, weight or None)``.
+
+    Raises ``ValueError``/``TypeError`` naming the problem: non-float input, K
+    not a multiple of 16, NaN or Inf, a global scale that is not one finite
+    positive number (or so large that ``G / fp8_min`` or ``amax * G`` overflows
+    fp32), weights that are negative, non-finite or not broadcastable.
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {getattr(x, 'dtype', x)}")
+    if x.dim() == 0 or x.shape[-1] % BLOCK_SIZE:
+        raise ValueError(
+            f"{name}: last dimension must be a multiple of {BLOCK_SIZE} (NVFP4 blocks), "
+            f"got shape {tuple(x.shape)}"
+        )
+    if x.numel() and not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or Inf; NVFP4 cannot represent them")
+    g = torch.as_tensor(global_scale, dtype=torch.float32, device=x.device)
+    if g.numel() != 1:
+        raise ValueError(f"global_scale must hold one number, got shape {tuple(g.shape)}")
+    g = g.reshape(())
+    if not bool(torch.isfinite(g)) or float(g) <= 0:
+        raise ValueError(f"global_scale must be finite and > 0, got {float(g)}")
+    if float(g) > GLOBAL_SCALE_MAX:
+        raise ValueError(
+            f"global_scale {float(g):.3e} exceeds {GLOBAL_SCALE_MAX:.3e}: the tensor is "
+            "effectively zero; use nvfp4.global_scale(), which caps it"
+        )
+    if x.numel() and not bool(torch.isfinite(x.detach().abs().max().float() * g)):
+        raise ValueError(f"global_scale {float(g):.3e} overflows fp32 against max|{name}|")
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor):
+            weight = torch.as_tensor(weight, dtype=torch.float32, device=x.device)
+        try:
+            torch.broadcast_shapes(weight.shape, x.shape)
+        except RuntimeError as err:
+            raise ValueError(
+                f"weight of shape {tuple(weight.shape)} does not broadcast to "
+                f"{name} of shape {tuple(x.shape)}"
+            ) from err
+        if weight.numel() and not torch.isfinite(weight).all():
+            raise ValueError("weight contains NaN or Inf")
+        if weight.numel() and bool((weight < 0).any()):
+            raise ValueError("weight must be >= 0 (it weighs squared errors)")
+    return g, weight
+
+
+def _blocks(x: torch.Tensor) -> torch.Tensor:
+    """``|x|`` as fp32 blocks ``[num_blocks, 16]``."""
+    return x.detach().to(torch.float32).abs().reshape(-1, BLOCK_SIZE)
+
+
+def _weight_blocks(weight: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    if weight is None:
+        return None
+    w = weight.detach().to(device=x.device, dtype=torch.float32)
+    return w.expand(x.shape).reshape(-1, BLOCK_SIZE)
+
+
+def _scale_shape(x: torch.Tensor) -> tuple[int, ...]:
+    return tuple(x.shape[:-1]) + (x.shape[-1] // BLOCK_SIZE,)
+
+
+def _tree_sum16(e: torch.Tensor) -> torch.Tensor:
+    """Sum 16 terms per row as a fixed tree: adjacent pairs, then pairs of those."""
+    while e.shape[-1] > 1:
+        e = e[..., 0::2] + e[..., 1::2]
+    return e[..., 0]
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+
+def candidate_errors(
+    a: torch.Tensor, g: torch.Tensor, codes: torch.Tensor, w: torch.Tensor | None
+) -> torch.Tensor:
+    """Scaled errors ``E'(c) = S * v^2`` of one candidate code per block.
+
+    ``a``: fp32 magnitudes ``[B, 16]``; ``codes``: integer codes ``[B]`` in 1..126;
+    ``w``: fp32 weights ``[B, 16]`` or None. Returns fp32 ``[B]``.
+    """
+    v = fp8_code_to_value(codes)
+    inv = g / v
+    r = a * inv[:, None]
+    d = r - round_e2m1_magnitude(r)
+    e = d * d
+    if w is not None:
+        e = e * w
+    return _tree_sum16(e) * (v * v)
+
+
+def block_errors(
+    x: torch.Tensor,
+    global_scale: torch.Tensor | float,
+    scales: torch.Tensor,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-block (weighted) squared error of quantizing x with these FP8 scales,
+    in x's units: ``E'(c) / G^2``. Shape ``x.shape[:-1] + (K/16,)``, fp32."""
+    g, weight = validate(x, global_scale, weight)
+    codes = fp8_value_to_code(scales.reshape(-1)).clamp(min=1)
+    e = candidate_errors(_blocks(x), g, codes, _weight_blocks(weight, x))
+    return (e / (g * g)).reshape(_scale_shape(x))
+
+
+# ---------------------------------------------------------------------------
+# AbsMax and the peer baseline
+# ---------------------------------------------------------------------------
+
+
+def _absmax_codes_blocks(a: torch.Tensor, g: torch.Tensor, divisor: float = FP4_MAX):
+    amax = a.amax(dim=-1)
+    t = torch.clamp((amax / divisor) * g, max=FP8_MAX)
+    return fp8_rne_code(t).clamp(min=1).to(torch.int64)
+
+
+def absmax_codes(x: torch.Tensor, global_scale: torch.Tensor | float) -> torch.Tensor:
+    """AbsMax code per block: ``fp8_rne(min((amax / 6) * G, 448))`` as int64,
+    raised to 1 when it would be 0 (an all-zero or vanishing block: every scale
+    reconstructs it as 0, and code 1 is what the sweep's tie rule picks).
+
+    Matches vLLM's ``scaled_fp4_quant`` scale (amax/6 in fp32); compressed-tensors
+    computes amax/6 in the input dtype and maps a zero scale to 0.125 instead.
+    """
+    g, _ = validate(x, global_scale)
+    return _absmax_codes_blocks(_blocks(x), g).reshape(_scale_shape(x))
+
+
+def absmax_scales(x: torch.Tensor, global_scale: torch.Tensor | float) -> torch.Tensor:
+    """AbsMax FP8 block scales, shape ``x.shape[:-1] + (K // 16,)``, float8_e4m3fn."""
+    return _codes_to_scales(absmax_codes(x, global_scale))
+
+
+def four_over_six_scales(
+    x: torch.Tensor, global_scale: torch.Tensor | float, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Peer baseline "four over six": per block the better (by the same
+    (weighted) error) of the scales amax/6 and amax/4; ties to the smaller code.
+    Use it with the paper's global scale (256*6/amax) so amax/4 never saturates."""
+    g, weight = validate(x, global_scale, weight)
+    a, w = _blocks(x), _weight_blocks(weight, x)
+    c6 = _absmax_codes_blocks(a, g, FP4_MAX)
+    c4 = _absmax_codes_blocks(a, g, 4.0)
+    e6, e4 = candidate_errors(a, g, c6, w), candidate_errors(a, g, c4, w)
+    lo, hi = torch.minimum(c6, c4), torch.maximum(c6, c4)
+    e_lo = torch.where(c6 <= c4, e6, e4)
+    e_hi = torch.where(c6 <= c4, e4, e6)
+    best = torch.where(e_hi < e_lo, hi, lo)
+    return _codes_to_scales(best.reshape(_scale_shape(x)))
+
+
+# ---------------------------------------------------------------------------
+# Bounds
+# ---------------------------------------------------------------------------
+
+
+def _bounds_blocks(a, g, w):
+    c0 = _absmax_codes_blocks(a, g)
+    hi = torch.where(c0 >= 8, (c0 + UPPER_OFFSET).clamp(max=FP8_MAX_CODE), torch.full_like(c0, 15))
+    e_ref = candidate_errors(a, g, c0, w) * (1.0 + LOWER_BOUND_MARGIN)
+    y = a * g
+    if w is None:
+        clip = y.amax(dim=-1) - torch.sqrt(e_ref)
+    else:
+        clip = (y - torch.sqrt(e_ref[:, None] / w)).amax(dim=-1)  # w = 0 -> -inf: no bound
+    t = (clip / FP4_MAX) * (1.0 - LOWER_BOUND_MARGIN)
+    lo = torch.where(t > 0, fp8_ceil_code(t.clamp(min=0)).to(torch.int64), torch.ones_like(c0))
+    lo = torch.minimum(lo, c0)
+    if w is None:
+        lo = torch.maximum(lo, (c0 - MSE_LOWER_OFFSET).clamp(min=1))
+    return lo, hi, c0
+
+
+def sweep_bounds(
+    x: torch.Tensor, global_scale: torch.Tensor | float, weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inclusive candidate code range ``(lo, hi)`` per block (int64, shape of the scales).
+
+    Every code outside ``[lo, hi]`` is provably no better than one inside, so
+    sweeping ``[lo, hi]`` with ties to the smaller code returns the exhaustive
+    answer. Let c0 be the AbsMax code, v its value, y = |x| * G, m = max y.
+
+    Upper bound (any weights): ``hi = c0 + 7`` (``15`` when c0 < 8, capped at 126).
+      Take a candidate with value u >= 2v. Since v is m/6 rounded to nearest in
+      E4M3 (relative error <= 1/17), u >= 2 * (16/17) * m/6 > m/3.5, so every
+      scaled value r = y/u <= 3.5 rounds to a grid point in {0,.5,1,1.5,2,3}
+      (or to 4 at the tie 3.5, at equal distance from 3). The candidate u/2
+      scales every r to exactly 2r, and its grid {0,.5,1,1.5,2,3,4,6} contains
+      2x those points, so each element's distance can only shrink: its error is
+      <= u's for any weights. This holds in fp32 too, because halving u doubles
+      ``G/u``, ``r`` and ``d`` exactly, quarters ``u*u`` exactly and fp32
+      rounding is monotone. u/2 is again an E4M3 code (u - 8 codes) when
+      u >= 2^-5 (code 16); so all codes above max(c0 + 7, 15) lose to a smaller
+      code, and c0 + 8 has value exactly 2v when c0 >= 8.
+
+    Lower bound (data-dependent, any weights): a candidate u clips every element
+      with y_i > 6u, so its error is at least w_i (y_i - 6u)^2. If that exceeds
+      E_ref = E'(c0), u loses to c0 strictly. So only
+      ``u >= max_i (y_i - sqrt(E_ref / w_i)) / 6`` can win; ``lo`` is the
+      smallest code at or above that, computed with a relative margin of 2^-8
+      (E_ref enlarged, the threshold shrunk) that dominates fp32 rounding.
+      Elements with w_i = 0 give no constraint. The paper has no WMSE lower
+      bound (its window c0-8 is empirical); this one is exact and narrow.
+
+    Lower bound (MSE, certified): additionally ``lo >= c0 - 3`` (the method's
+      authors' certified window [c0-3, c0+7]; checked against exhaustive search
+      in the tests). The data bound is usually tighter still.
+    """
+    g, weight = validate(x, global_scale, weight)
+    lo, hi, _ = _bounds_blocks(_blocks(x), g, _weight_blocks(weight, x))
+    shape = _scale_shape(x)
+    return lo.reshape(shape), hi.reshape(shape)
+
+
+# ---------------------------------------------------------------------------
+# The sweep
+# ---------------------------------------------------------------------------
+
+
+def _argmin_over_codes(a, g, w, lo, hi):
+    """Smallest code in [lo, hi] (per block) with the smallest E'."""
+    best_code = lo.clone()
+    best_err = torch.full(lo.shape, float("inf"), dtype=torch.float32, device=a.device)
+    span = int((hi - lo).max().item()) + 1 if lo.numel() else 0
+    for k in range(span):
+        code = lo + k
+        valid = code <= hi
+        err = candidate_errors(a, g, torch.where(valid, code, lo), w)
+        better = valid & (err < best_err)
+        best_err = torch.where(better, err, best_err)
+        best_code = torch.where(better, code, best_code)
+    return best_code
+
+
+def sweep_codes(
+    x: torch.Tensor,
+    global_scale: torch.Tensor | float,
+    weight: torch.Tensor | None = None,
+    exhaustive: bool = False,
+) -> torch.Tensor:
+    """ScaleSweep codes (int64, 1..126) per block; see :func:`sweep_scales`."""
+    g, weight = validate(x, global_scale, weight)
+    a, w = _blocks(x), _weight_blocks(weight, x)
+    if exhaustive:
+        lo = torch.ones(a.shape[0], dtype=torch.int64, device=a.device)
+        hi = torch.full_like(lo, FP8_MAX_CODE)
+    else:
+        lo, hi, _ = _bounds_blocks(a, g, w)
+    return _argmin_over_codes(a, g, w, lo, hi).reshape(_scale_shape(x))
+
+
+def sweep_scales(
+    x: torch.Tensor,
+    global_scale: torch.Tensor | float,
+    weight: torch.Tensor | None = None,
+    exhaustive: bool = False,
+) -> torch.Tensor:
+    """ScaleSweep FP8 block scales, shape ``x.shape[:-1] + (K // 16,)``, float8_e4m3fn.
+
+    Minimises the block's squared error (``weight=None``) or weighted squared
+    error (``weight`` >= 0, broadcastable to x) over FP8 scale codes; ties go to
+    the smaller code. ``exhaustive=True`` tries all 126 positive codes (the
+    specification); the default tries only :func:`sweep_bounds`' window and
+    returns the same scales.
+    """
+    return _codes_to_scales(sweep_codes(x, global_scale, weight, exhaustive))
+
+
+# ---------------------------------------------------------------------------
+# Quantize / dequantize with given scales
+# ---------------------------------------------------------------------------
+
+
+def _codes_to_scales(codes: torch.Tensor) -> torch.Tensor:
+    return codes.to(torch.uint8).view(torch.float8_e4m3fn)
+
+
+def _scales_to_values(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    if scales.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"scales must be float8_e4m3fn, got {scales.dtype}")
+    if tuple(scales.shape) != _scale_shape(x):
+        raise ValueError(
+            f"scales of shape {tuple(scales.shape)} do not match x of shape "
+            f"{tuple(x.shape)} (expected {_scale_shape(x)})"
+        )
+    return scales.to(torch.float32)
+
+
+def quantize_codes(
+    x: torch.Tensor, global_scale: torch.Tensor | float, scales: torch.Tensor
+) -> torch.Tensor:
+    """4-bit E2M1 codes (uint8 0..15, unpacked, shape of x) of x with these scales:
+    ``encode_e2m1(x * (G / v))``. Pack them with :func:`nvfp4.pack_fp4`."""
+    g, _ = validate(x, global_scale)
+    v = _scales_to_values(x, scales).clamp(min=2.0**-9)
+    inv = (g / v).repeat_interleave(BLOCK_SIZE, dim=-1)
+    return encode_e2m1(x.detach().to(torch.float32) * inv)
+
+
+def quantize_dequantize(
+    x: torch.Tensor, global_scale: torch.Tensor | float, scales: torch.Tensor
+) -> torch.Tensor:
+    """Float32 reconstruction ``(v / G) * Q(x * G / v)``, decoded in
+    compressed-tensors' order, so a checkpoint holding these codes and scales
+    decodes to exactly this."""
+    g, _ = validate(x, global_scale)
+    codes = quantize_codes(x, g, scales)
+    s = (_scales_to_values(x, scales) / g).repeat_interleave(BLOCK_SIZE, dim=-1)
+    return s * decode_e2m1(codes)
