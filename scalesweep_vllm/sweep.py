@@ -245,7 +245,8 @@ def _bounds_blocks(a, g, w):
     if w is None:
         clip = y.amax(dim=-1) - torch.sqrt(e_ref)
     else:
-        clip = (y - torch.sqrt(e_ref[:, None] / w)).amax(dim=-1)  # w = 0 -> -inf: no bound
+        room = torch.sqrt(e_ref[:, None] / w)  # w = 0 -> inf (or NaN if e_ref = 0)
+        clip = torch.where(w > 0, y - room, float("-inf")).amax(dim=-1)  # w = 0: no bound
     t = (clip / FP4_MAX) * (1.0 - LOWER_BOUND_MARGIN)
     lo = torch.where(t > 0, fp8_ceil_code(t.clamp(min=0)).to(torch.int64), torch.ones_like(c0))
     lo = torch.minimum(lo, c0)
