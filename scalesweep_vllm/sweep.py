@@ -240,8 +240,12 @@ def four_over_six_scales(
 def _bounds_blocks(a, g, w):
     c0 = _absmax_codes_blocks(a, g)
     hi = torch.where(c0 >= 8, (c0 + UPPER_OFFSET).clamp(max=FP8_MAX_CODE), torch.full_like(c0, 15))
-    e_ref = candidate_errors(a, g, c0, w) * (1.0 + LOWER_BOUND_MARGIN)
     y = a * g
+    # data-dependent upper bound: codes with v >= (max y / 3.5)(1 + margin) lose to v/2
+    t_hi = (y.amax(dim=-1) / 3.5) * (1.0 + LOWER_BOUND_MARGIN)
+    hi_data = (fp8_ceil_code(t_hi).to(torch.int64) - 1).clamp(min=15)
+    hi = torch.where(t_hi <= FP8_MAX, torch.minimum(hi, hi_data), hi)
+    e_ref = candidate_errors(a, g, c0, w) * (1.0 + LOWER_BOUND_MARGIN)
     if w is None:
         clip = y.amax(dim=-1) - torch.sqrt(e_ref)
     else:
@@ -264,7 +268,7 @@ def sweep_bounds(
     sweeping ``[lo, hi]`` with ties to the smaller code returns the exhaustive
     answer. Let c0 be the AbsMax code, v its value, y = |x| * G, m = max y.
 
-    Upper bound (any weights): ``hi = c0 + 7`` (``15`` when c0 < 8, capped at 126).
+    Upper bound (any weights): ``hi <= c0 + 7`` (``15`` when c0 < 8, capped at 126).
       Take a candidate with value u >= 2v. Since v is m/6 rounded to nearest in
       E4M3 (relative error <= 1/17), u >= 2 * (16/17) * m/6 > m/3.5, so every
       scaled value r = y/u <= 3.5 rounds to a grid point in {0,.5,1,1.5,2,3}
@@ -276,6 +280,9 @@ def sweep_bounds(
       rounding is monotone. u/2 is again an E4M3 code (u - 8 codes) when
       u >= 2^-5 (code 16); so all codes above max(c0 + 7, 15) lose to a smaller
       code, and c0 + 8 has value exactly 2v when c0 >= 8.
+      The same argument needs only u >= m/3.5, so ``hi`` is further lowered to
+      the last code below ``(m / 3.5)(1 + 2^-8)`` (never below 15): about one
+      candidate fewer per block than c0 + 7.
 
     Lower bound (data-dependent, any weights): a candidate u clips every element
       with y_i > 6u, so its error is at least w_i (y_i - 6u)^2. If that exceeds
