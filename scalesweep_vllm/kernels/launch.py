@@ -1,0 +1,309 @@
+"""Launchers for the Triton NVFP4 kernels (:mod:`.nvfp4_triton`): check, allocate, launch.
+
+Imports without Triton and without a GPU; a launch raises "needs triton" when
+Triton is missing. CUDA tensors run the compiled kernels; CPU tensors run them in
+Triton's interpreter, which must be asked for with ``TRITON_INTERPRET=1`` (the CPU
+tests do). The interpreter needs kernels created while that variable is set, so
+CPU launches use a private copy of the kernel module loaded in interpreter mode;
+other modules that import Triton normally are not affected.
+
+The forward-path operations are also registered as ``torch.library`` custom ops
+(``scalesweep::nvfp4_quantize``, ``scalesweep::nvfp4_fake_quantize``,
+``scalesweep::nvfp4_dequantize``) with fake implementations, so that vLLM's
+torch.compile and CUDA graphs see through them.
+
+Data-dependent checks (NaN/Inf in x, the global scale's range) are done by the
+torch reference only: the kernels never synchronize with the host. NaN/Inf input
+gives unspecified codes here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import pathlib
+
+import torch
+
+from ..nvfp4 import BLOCK_SIZE
+
+__all__ = [
+    "METHOD_IDS",
+    "dequantize",
+    "fake_quantize",
+    "fp8_codes",
+    "have_triton",
+    "quantize",
+    "use_hw_e2m1",
+]
+
+METHOD_IDS = {"absmax": 0, "mse": 1, "wmse": 2}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: Blocks per program and warps, by method (the benchmark can override them).
+DEFAULT_CONFIG = {"absmax": (128, 4), "mse": (128, 4), "wmse": (128, 4)}
+#: In the interpreter, bigger tiles mean fewer Python-level programs.
+INTERPRET_BLOCKS = 256
+
+_MODULES: dict[bool, object] = {}
+
+
+def have_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _kernels(device: torch.device):
+    """The kernel module: compiled for CUDA tensors, an interpreted copy for CPU ones."""
+    if not have_triton():
+        raise RuntimeError("scalesweep_vllm Triton kernels need triton (pip install triton)")
+    interp = device.type != "cuda"
+    if interp and not _interpreting():
+        raise RuntimeError(
+            f"backend='triton' on a {device.type} tensor runs Triton's interpreter: set "
+            "TRITON_INTERPRET=1 (or use backend='torch' / a CUDA tensor)"
+        )
+    if interp not in _MODULES:
+        if interp:
+            path = pathlib.Path(__file__).with_name("nvfp4_triton.py")
+            name = f"{__package__}._nvfp4_triton_interpreted"
+            spec = importlib.util.spec_from_file_location(name, path)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+        else:
+            mod = importlib.import_module(".nvfp4_triton", __package__)
+        _MODULES[interp] = mod
+    return _MODULES[interp]
+
+
+def use_hw_e2m1(device: torch.device) -> bool:
+    """Blackwell path: hardware E2M1 rounding on compute capability >= 10, unless
+    ``SCALESWEEP_HW_E2M1=0``."""
+    if device.type != "cuda" or os.environ.get("SCALESWEEP_HW_E2M1", "1") == "0":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 10
+
+
+def _check_x(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or x.dtype not in DTYPES:
+        raise TypeError(f"x must be a float32/float16/bfloat16 tensor, got {getattr(x, 'dtype', x)}")
+    if x.dim() == 0 or x.shape[-1] % BLOCK_SIZE:
+        raise ValueError(
+            f"x: last dimension must be a multiple of {BLOCK_SIZE} (NVFP4 blocks), "
+            f"got shape {tuple(x.shape)}"
+        )
+
+
+def _global_scale(global_scale, device) -> torch.Tensor:
+    g = torch.as_tensor(global_scale, dtype=torch.float32, device=device)
+    if g.numel() != 1:
+        raise ValueError(f"global_scale must hold one number, got shape {tuple(g.shape)}")
+    return g.reshape(1).contiguous()
+
+
+def _weight_vector(weight: torch.Tensor | None, k: int, device) -> torch.Tensor:
+    """The per-column WMSE weight as a contiguous fp32 [K] vector."""
+    if weight is None:
+        raise ValueError("method 'wmse' needs a weight (per-column importance, >= 0)")
+    w = torch.as_tensor(weight)
+    if w.dim() == 0 or w.shape[-1] != k or w.numel() != k:
+        raise ValueError(
+            f"the Triton WMSE kernel takes a per-column weight of length K={k} "
+            f"(shape [K], [1, K], ...), got shape {tuple(w.shape)}; use backend='torch' "
+            "for other broadcastable weights"
+        )
+    return w.detach().reshape(k).to(device=device, dtype=torch.float32).contiguous()
+
+
+def _rows(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """x as [M, K] (a view when possible) and whether its rows are contiguous and packed."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    contig = x2.stride(-1) == 1 and (x2.shape[0] <= 1 or x2.stride(0) == k)
+    return x2, contig
+
+
+def _launch_quant(x, global_scale, method, weight, fake, config):
+    if method not in METHOD_IDS:
+        raise ValueError(f"unknown method {method!r}; choose one of {tuple(METHOD_IDS)}")
+    _check_x(x)
+    if method != "wmse" and weight is not None:
+        raise ValueError(f"method {method!r} takes no weight; use method='wmse'")
+    k = x.shape[-1]
+    mod = _kernels(x.device)
+    g = _global_scale(global_scale, x.device)
+    w = _weight_vector(weight, k, x.device) if method == "wmse" else g
+    x2, contig = _rows(x.detach())
+    m = x2.shape[0]
+    n_blocks = m * (k // BLOCK_SIZE)
+    if fake:
+        out = torch.empty((m, k), dtype=x.dtype, device=x.device)
+        scales = out  # unused by the kernel
+    else:
+        out = torch.empty((m, k // 2), dtype=torch.uint8, device=x.device)
+        scales = torch.empty((m, k // BLOCK_SIZE), dtype=torch.uint8, device=x.device)
+    if n_blocks:
+        bm, warps = config or DEFAULT_CONFIG[method]
+        if x.device.type != "cuda":
+            bm = min(INTERPRET_BLOCKS, triton_next_pow2(n_blocks))
+        grid = ((n_blocks + bm - 1) // bm,)
+        mod.quant_kernel[grid](
+            x2,
+            w,
+            g,
+            out,
+            scales,
+            n_blocks,
+            k // BLOCK_SIZE,
+            x2.stride(0),
+            x2.stride(1),
+            METHOD=METHOD_IDS[method],
+            FAKE=fake,
+            ROW_CONTIG=contig,
+            HW_E2M1=use_hw_e2m1(x.device),
+            BM=bm,
+            num_warps=warps,
+            enable_fp_fusion=False,
+        )
+    lead = tuple(x.shape[:-1])
+    if fake:
+        return out.reshape(x.shape)
+    return (
+        out.reshape(lead + (k // 2,)),
+        scales.view(torch.float8_e4m3fn).reshape(lead + (k // BLOCK_SIZE,)),
+    )
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def quantize_impl(x, global_scale, method="mse", weight=None, config=None):
+    """Packed E2M1 codes ``[..., K/2]`` uint8 and FP8 scales ``[..., K/16]`` float8_e4m3fn."""
+    return _launch_quant(x, global_scale, method, weight, False, config)
+
+
+def fake_quantize_impl(x, global_scale, method="mse", weight=None, config=None):
+    """Quantize-dequantize, same shape and dtype as x: ``(v / G) * q`` in fp32, then cast."""
+    return _launch_quant(x, global_scale, method, weight, True, config)
+
+
+def dequantize_impl(packed, scales, global_scale, dtype=torch.bfloat16, config=None):
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed must be uint8, got {packed.dtype}")
+    if scales.dtype not in (torch.float8_e4m3fn, torch.uint8):
+        raise TypeError(f"scales must be float8_e4m3fn, got {scales.dtype}")
+    if dtype not in DTYPES:
+        raise TypeError(f"dtype must be float32/float16/bfloat16, got {dtype}")
+    if packed.dim() == 0 or tuple(scales.shape[:-1]) != tuple(packed.shape[:-1]) or (
+        scales.shape[-1] * BLOCK_SIZE != packed.shape[-1] * 2
+    ):
+        raise ValueError(
+            f"scales {tuple(scales.shape)} do not match packed {tuple(packed.shape)} "
+            f"(expected [..., K/16] for packed [..., K/2])"
+        )
+    if scales.device != packed.device:
+        raise ValueError(f"scales on {scales.device}, packed on {packed.device}")
+    mod = _kernels(packed.device)
+    k = packed.shape[-1] * 2
+    p2 = packed.reshape(-1, k // 2).contiguous()
+    s2 = scales.view(torch.uint8).reshape(-1, k // BLOCK_SIZE).contiguous()
+    g = _global_scale(global_scale, packed.device)
+    m = p2.shape[0]
+    out = torch.empty((m, k), dtype=dtype, device=packed.device)
+    n_blocks = m * (k // BLOCK_SIZE)
+    if n_blocks:
+        bm, warps = config or (128, 4)
+        if packed.device.type != "cuda":
+            bm = min(INTERPRET_BLOCKS, triton_next_pow2(n_blocks))
+        grid = ((n_blocks + bm - 1) // bm,)
+        mod.dequant_kernel[grid](p2, s2, g, out, n_blocks, BM=bm, num_warps=warps,
+                                 enable_fp_fusion=False)
+    return out.reshape(tuple(packed.shape[:-1]) + (k,))
+
+
+def fp8_codes(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Test hook: the kernels' FP8 helpers on fp32 ``t >= 0``: (rne code, ceil code,
+    value of the rne code)."""
+    mod = _kernels(t.device)
+    t = t.to(torch.float32).reshape(-1).contiguous()
+    rne = torch.empty(t.shape, dtype=torch.int32, device=t.device)
+    ceil = torch.empty_like(rne)
+    val = torch.empty_like(t)
+    block = 1024 if t.device.type == "cuda" else max(16, min(1 << 14, triton_next_pow2(t.numel())))
+    if t.numel():
+        grid = ((t.numel() + block - 1) // block,)
+        mod.fp8_codes_kernel[grid](t, rne, ceil, val, t.numel(), BLOCK=block,
+                                   enable_fp_fusion=False)
+    return rne, ceil, val
+
+
+# ---------------------------------------------------------------------------
+# torch.library custom ops (the forward path in vLLM)
+# ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("scalesweep::nvfp4_quantize", mutates_args=())
+def nvfp4_quantize(
+    x: torch.Tensor, global_scale: torch.Tensor, method: str, weight: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_impl(x, global_scale, method, weight)
+
+
+@nvfp4_quantize.register_fake
+def _(x, global_scale, method, weight):
+    lead = tuple(x.shape[:-1])
+    k = x.shape[-1]
+    return (
+        x.new_empty(lead + (k // 2,), dtype=torch.uint8),
+        x.new_empty(lead + (k // BLOCK_SIZE,), dtype=torch.float8_e4m3fn),
+    )
+
+
+@torch.library.custom_op("scalesweep::nvfp4_fake_quantize", mutates_args=())
+def nvfp4_fake_quantize(
+    x: torch.Tensor, global_scale: torch.Tensor, method: str, weight: torch.Tensor | None
+) -> torch.Tensor:
+    return fake_quantize_impl(x, global_scale, method, weight)
+
+
+@nvfp4_fake_quantize.register_fake
+def _(x, global_scale, method, weight):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("scalesweep::nvfp4_dequantize", mutates_args=())
+def nvfp4_dequantize(
+    packed: torch.Tensor, scales: torch.Tensor, global_scale: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    return dequantize_impl(packed, scales, global_scale, dtype)
+
+
+@nvfp4_dequantize.register_fake
+def _(packed, scales, global_scale, dtype):
+    return packed.new_empty(tuple(packed.shape[:-1]) + (packed.shape[-1] * 2,), dtype=dtype)
+
+
+def quantize(x, global_scale, method="mse", weight=None):
+    """Triton quantize through the custom op (checks first, so errors are plain)."""
+    _check_x(x)
+    g = _global_scale(global_scale, x.device)
+    if method == "wmse":
+        weight = _weight_vector(weight, x.shape[-1], x.device)
+    return nvfp4_quantize(x, g, method, weight)
+
+
+def fake_quantize(x, global_scale, method="mse", weight=None):
+    _check_x(x)
+    g = _global_scale(global_scale, x.device)
+    if method == "wmse":
+        weight = _weight_vector(weight, x.shape[-1], x.device)
+    return nvfp4_fake_quantize(x, g, method, weight)
+
+
+def dequantize(packed, scales, global_scale, dtype=torch.bfloat16):
+    g = _global_scale(global_scale, packed.device)
+    return nvfp4_dequantize(packed, scales, g, dtype)

@@ -1,0 +1,309 @@
+"""Triton kernels for NVFP4: AbsMax and ScaleSweep (MSE/WMSE) quantize, fake-quantize,
+dequantize. Kernels only; :mod:`.launch` checks, allocates and launches.
+
+Every kernel reproduces :mod:`scalesweep_vllm.sweep` bit for bit (the reference's
+module docstring fixes the fp32 arithmetic). Launch with ``enable_fp_fusion=False``
+so that no ``a * b + c`` is contracted into an FMA (torch rounds each op).
+
+* FP8 E4M3 codes are computed with integer arithmetic on the fp32 bits, the same
+  as :func:`scalesweep_vllm.nvfp4.fp8_rne_code` / ``fp8_ceil_code``: no conversion
+  to ``tl.float8e4nv`` anywhere (one was seen to be wrong on an H100 with Triton
+  3.6 in 2-D layouts). Scales are stored as their uint8 codes.
+* E2M1 rounding (Hopper and older, the tested path): for ``r' = min(r, 6)`` the
+  grid step is 0.5 on [0, 2), 1 on [2, 4), 2 on [4, 6]; adding and subtracting
+  ``C = 2^(22 + max(e, 0))`` (e = exponent of r') rounds r' to a multiple of
+  ``ulp(C) = step`` with ties to even, exactly like ``torch.round(r / step) * step``.
+  C comes from r's bits: ``(bits(max(r', 1)) & 0x7F800000) + (22 << 23)``.
+  Per element and candidate: FMUL, 2 FMNMX, LOP3, IADD, 3 FADD (round, d), FMUL (d^2),
+  [FMUL w], ~1 FADD (tree sum).
+* Blackwell (``HW_E2M1``, sm_100+): ``cvt.rn.satfinite.e2m1x2.f32`` rounds two values
+  at once (RNE, saturating at 6) and ``cvt.rn.f16x2.e2m1x2`` brings them back.
+
+Tile: ``BM`` consecutive 16-element blocks (flattened over rows and K/16), one
+``[BM, 16]`` register tile; the candidate loop runs over each block's own window
+``[lo, hi]`` (the reference's ``_bounds_blocks``), for ``max(hi - lo) + 1`` steps
+per tile, masking blocks whose window is shorter.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["dequant_kernel", "fp8_codes_kernel", "quant_kernel"]
+
+# Methods, mirrored once as Triton constants (launch.METHOD_IDS maps the names).
+ABSMAX: tl.constexpr = tl.constexpr(0)
+MSE: tl.constexpr = tl.constexpr(1)
+WMSE: tl.constexpr = tl.constexpr(2)
+
+# Reference constants (sweep.py): UPPER_OFFSET 7, MSE_LOWER_OFFSET 3, margin 2^-8.
+UPPER_OFFSET: tl.constexpr = tl.constexpr(7)
+MSE_LOWER_OFFSET: tl.constexpr = tl.constexpr(3)
+MARGIN_UP: tl.constexpr = tl.constexpr(1.00390625)  # 1 + 2^-8, exact in fp32
+MARGIN_DOWN: tl.constexpr = tl.constexpr(0.99609375)  # 1 - 2^-8, exact in fp32
+
+
+# ---------------------------------------------------------------------------
+# FP8 E4M3 codes on the fp32 bits (nvfp4._fp8_floor_code and friends)
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _fp8_floor_code(t):
+    """For finite fp32 t in [0, 448]: (largest code with value <= t, t above the
+    midpoint to the next code, t exactly on the midpoint, t exactly on the code)."""
+    normal = t >= 0.015625
+    ts = t * 512.0  # subnormal codes are k * 2^-9; exact for t < 2^-6
+    sub_floor = tl.floor(ts)
+    sub_frac = ts - sub_floor
+    bits = t.to(tl.int32, bitcast=True)
+    mant = bits & 0x7FFFFF
+    rest = mant & 0xFFFFF
+    nrm_code = ((bits >> 23) - 120) * 8 + (mant >> 20)
+    code = tl.where(normal, nrm_code, sub_floor.to(tl.int32))
+    above = tl.where(normal, rest > 0x80000, sub_frac > 0.5)
+    tie = tl.where(normal, rest == 0x80000, sub_frac == 0.5)
+    exact = tl.where(normal, rest == 0, sub_frac == 0.0)
+    return code, above, tie, exact
+
+
+@triton.jit
+def _fp8_rne_code(t):
+    """Code of ``t.clamp(0, 448).to(float8_e4m3fn)`` (RNE), int32, for finite t >= 0."""
+    t = tl.minimum(tl.maximum(t, 0.0), 448.0)
+    code, above, tie, _ = _fp8_floor_code(t)
+    up = above | (tie & ((code & 1) == 1))
+    code = code + up.to(tl.int32)
+    return tl.minimum(tl.maximum(code, 0), 126)
+
+
+@triton.jit
+def _fp8_ceil_code(t):
+    """Smallest code whose value is >= t, clamped to [1, 126], int32 (t >= 0)."""
+    t = tl.minimum(tl.maximum(t, 0.0), 448.0)
+    code, _, _, exact = _fp8_floor_code(t)
+    code = tl.where(exact, code, code + 1)
+    return tl.minimum(tl.maximum(code, 1), 126)
+
+
+@triton.jit
+def _fp8_value(code):
+    """fp32 value of positive codes 0..126 (int32): k * 2^-9 below 8, else
+    2^(e-7) * (1 + j/8) for code 8e + j, built from its bits."""
+    sub = code.to(tl.float32) * 0.001953125
+    nrm = ((((code >> 3) + 120) << 23) | ((code & 7) << 20)).to(tl.float32, bitcast=True)
+    return tl.where(code < 8, sub, nrm)
+
+
+# ---------------------------------------------------------------------------
+# E2M1 rounding of magnitudes
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _round_e2m1_mag(r, HW_E2M1: tl.constexpr):
+    """Round r >= 0 (fp32, may be +inf) to the E2M1 grid, ties to even, saturating at 6."""
+    if HW_E2M1:
+        q = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b8 p;
+            .reg .b32 h;
+            .reg .b16 h0, h1;
+            cvt.rn.satfinite.e2m1x2.f32 p, $3, $2;
+            cvt.rn.f16x2.e2m1x2 h, p;
+            mov.b32 {h0, h1}, h;
+            cvt.f32.f16 $0, h0;
+            cvt.f32.f16 $1, h1;
+            }""",
+            constraints="=r,=r,r,r",
+            args=[r],
+            dtype=tl.float32,
+            is_pure=True,
+            pack=2,
+        )
+    else:
+        rs = tl.minimum(r, 6.0)  # saturate first: r' in [0, 6]
+        e = tl.maximum(rs, 1.0).to(tl.uint32, bitcast=True) & 0x7F800000
+        c = (e + 0x0B000000).to(tl.float32, bitcast=True)  # 2^(22 + max(exp, 0))
+        q = (rs + c) - c
+    return q
+
+
+@triton.jit
+def _tree_sum16(e, BM: tl.constexpr):
+    """Sum [BM, 16] along the last dim as the reference's tree: adjacent pairs, then
+    pairs of those (sweep._tree_sum16)."""
+    e8 = tl.split(tl.reshape(e, [BM, 8, 2]))
+    e = e8[0] + e8[1]
+    e4 = tl.split(tl.reshape(e, [BM, 4, 2]))
+    e = e4[0] + e4[1]
+    e2 = tl.split(tl.reshape(e, [BM, 2, 2]))
+    e = e2[0] + e2[1]
+    e1 = tl.split(e)
+    return e1[0] + e1[1]
+
+
+@triton.jit
+def _candidate_err(a, w, g, code, HAS_W: tl.constexpr, HW_E2M1: tl.constexpr, BM: tl.constexpr):
+    """E'(c) = S * (v * v) per block (sweep.candidate_errors)."""
+    v = _fp8_value(code)
+    inv = tl.div_rn(tl.zeros([BM], tl.float32) + g, v)
+    r = a * inv[:, None]
+    d = r - _round_e2m1_mag(r, HW_E2M1)
+    e = d * d
+    if HAS_W:
+        e = e * w
+    return _tree_sum16(e, BM) * (v * v)
+
+
+# ---------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def quant_kernel(
+    x_ptr,  # [M, K] bf16/fp16/fp32, strides (stride_m, stride_k)
+    w_ptr,  # [K] fp32 weights (WMSE only)
+    g_ptr,  # [1] fp32 global (encode) scale
+    out_ptr,  # FAKE: [M, K] contiguous, x's dtype; else packed uint8 [M, K/2]
+    scale_ptr,  # uint8 [M, K/16]: FP8 E4M3 codes (unused when FAKE)
+    n_blocks,  # M * K / 16
+    n_kblocks,  # K / 16
+    stride_m,
+    stride_k,
+    METHOD: tl.constexpr,
+    FAKE: tl.constexpr,
+    ROW_CONTIG: tl.constexpr,
+    HW_E2M1: tl.constexpr,
+    BM: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    blk = pid.to(tl.int64) * BM + tl.arange(0, BM)
+    bmask = blk < n_blocks
+    i = tl.arange(0, 16)
+    if ROW_CONTIG:
+        offs = blk[:, None] * 16 + i[None, :]
+    else:
+        row = blk // n_kblocks
+        col = (blk - row * n_kblocks) * 16
+        offs = row[:, None] * stride_m + (col[:, None] + i[None, :]) * stride_k
+    x = tl.load(x_ptr + offs, mask=bmask[:, None], other=0.0).to(tl.float32)
+    a = tl.abs(x)
+    g = tl.load(g_ptr)
+    HAS_W: tl.constexpr = METHOD == WMSE
+    if HAS_W:
+        w_offs = ((blk % n_kblocks) * 16)[:, None] + i[None, :]
+        w = tl.load(w_ptr + w_offs, mask=bmask[:, None], other=1.0)
+    else:
+        w = a  # unused
+
+    # AbsMax code c0 = fp8_rne(min((amax / 6) * G, 448)), floored at 1.
+    amax = tl.max(a, axis=1)
+    t0 = tl.minimum(tl.div_rn(amax, tl.zeros([BM], tl.float32) + 6.0) * g, 448.0)
+    c0 = tl.maximum(_fp8_rne_code(t0), 1)
+    best = c0
+    if METHOD != ABSMAX:
+        # Window [lo, hi] exactly as sweep._bounds_blocks.
+        hi = tl.where(c0 >= 8, tl.minimum(c0 + UPPER_OFFSET, 126), 15)
+        e_ref = _candidate_err(a, w, g, c0, HAS_W, HW_E2M1, BM) * MARGIN_UP
+        if HAS_W:
+            term = a * g - tl.sqrt_rn(tl.div_rn(e_ref[:, None] + tl.zeros_like(w), w))
+            has_nan = tl.max((term != term).to(tl.int32), axis=1) > 0  # torch.amax keeps NaN
+            clip = tl.max(tl.where(term != term, float("-inf"), term), axis=1)
+        else:
+            clip = amax * g - tl.sqrt_rn(e_ref)
+            has_nan = clip != clip
+        t = tl.div_rn(clip, tl.zeros([BM], tl.float32) + 6.0) * MARGIN_DOWN
+        pos = (t > 0) & (~has_nan)
+        lo = tl.where(pos, _fp8_ceil_code(tl.where(pos, t, 0.0)), 1)
+        lo = tl.minimum(lo, c0)
+        if not HAS_W:
+            lo = tl.maximum(lo, tl.maximum(c0 - MSE_LOWER_OFFSET, 1))
+        lo = tl.where(bmask, lo, c0)  # padding blocks must not widen the loop
+        hi = tl.where(bmask, hi, c0)
+        span = tl.max(hi - lo, axis=0) + 1
+        best = lo
+        best_err = tl.full([BM], float("inf"), tl.float32)
+        for k in range(0, span):
+            code = lo + k
+            valid = code <= hi
+            err = _candidate_err(a, w, g, tl.where(valid, code, lo), HAS_W, HW_E2M1, BM)
+            better = valid & (err < best_err)
+            best_err = tl.where(better, err, best_err)
+            best = tl.where(better, code, best)
+
+    # Encode with the chosen scale: r = |x| * (G / v), sign from x (-0.0 -> code 8).
+    v = _fp8_value(best)
+    inv = tl.div_rn(tl.zeros([BM], tl.float32) + g, v)
+    r = a * inv[:, None]
+    q = _round_e2m1_mag(tl.minimum(r, 6.0), False)
+    neg = (x.to(tl.int32, bitcast=True) >> 31) != 0
+    if FAKE:
+        s = tl.div_rn(v, tl.zeros([BM], tl.float32) + g)
+        xq = s[:, None] * tl.where(neg, -q, q)
+        if ROW_CONTIG:
+            o_offs = offs
+        else:
+            o_offs = blk[:, None] * 16 + i[None, :]
+        tl.store(out_ptr + o_offs, xq.to(out_ptr.dtype.element_ty), mask=bmask[:, None])
+    else:
+        # magnitude index: q*2 below 2, q+2 below 4, q/2+4 for 4 and 6
+        idx = tl.where(q < 2.0, q * 2.0, tl.where(q < 4.0, q + 2.0, q * 0.5 + 4.0))
+        codes = idx.to(tl.int32) | (neg.to(tl.int32) << 3)
+        pair = tl.split(tl.reshape(codes, [BM, 8, 2]))
+        packed = (pair[0] | (pair[1] << 4)).to(tl.uint8)
+        j = tl.arange(0, 8)
+        tl.store(out_ptr + blk[:, None] * 8 + j[None, :], packed, mask=bmask[:, None])
+        tl.store(scale_ptr + blk, best.to(tl.uint8), mask=bmask)
+
+
+@triton.jit
+def dequant_kernel(
+    packed_ptr,  # uint8 [M, K/2] contiguous
+    scale_ptr,  # uint8 [M, K/16] contiguous (FP8 E4M3 bits)
+    g_ptr,  # [1] fp32
+    out_ptr,  # [M, K] contiguous, output dtype
+    n_blocks,
+    BM: tl.constexpr,
+):
+    """out = (v / G) * q in fp32, then cast (compressed-tensors' order)."""
+    pid = tl.program_id(0)
+    blk = pid.to(tl.int64) * BM + tl.arange(0, BM)
+    bmask = blk < n_blocks
+    j = tl.arange(0, 8)
+    p = tl.load(packed_ptr + blk[:, None] * 8 + j[None, :], mask=bmask[:, None], other=0)
+    p = p.to(tl.int32)
+    codes = tl.reshape(tl.join(p & 0xF, p >> 4), [BM, 16])
+    mag = (codes & 7).to(tl.float32)
+    # E2M1 magnitudes from the index: m/2 below 4, m - 2 for 4, 5, then 4 and 6.
+    qm = tl.where(mag < 4.0, mag * 0.5, tl.where(mag < 6.0, mag - 2.0, mag * 2.0 - 8.0))
+    q = tl.where((codes & 8) != 0, -qm, qm)
+    sc = tl.load(scale_ptr + blk, mask=bmask, other=0).to(tl.int32)
+    sm = sc & 0x7F
+    v = _fp8_value(sm)
+    v = tl.where(sm == 0x7F, float("nan"), v)
+    v = tl.where((sc & 0x80) != 0, -v, v)
+    g = tl.load(g_ptr)
+    s = tl.div_rn(v, tl.zeros([BM], tl.float32) + g)
+    out = s[:, None] * q
+    i = tl.arange(0, 16)
+    tl.store(
+        out_ptr + blk[:, None] * 16 + i[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=bmask[:, None],
+    )
+
+
+@triton.jit
+def fp8_codes_kernel(t_ptr, rne_ptr, ceil_ptr, val_ptr, n, BLOCK: tl.constexpr):
+    """Test hook: the in-kernel FP8 helpers on a flat fp32 tensor (rne code, ceil code,
+    and the value of the rne code), checked against torch's float8_e4m3fn conversion."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    t = tl.load(t_ptr + offs, mask=m, other=0.0)
+    c = _fp8_rne_code(t)
+    tl.store(rne_ptr + offs, c, mask=m)
+    tl.store(ceil_ptr + offs, _fp8_ceil_code(t), mask=m)
+    tl.store(val_ptr + offs, _fp8_value(c), mask=m)
