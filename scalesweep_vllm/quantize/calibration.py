@@ -1,0 +1,304 @@
+"""Calibration statistics, collected layer by layer in one pass.
+
+The model stays on the host; the decoder layers visit the device one at a time
+(the approach of GPTQ-style sequential pipelines), so a model larger than the
+device fits as long as one decoder layer plus the calibration activations do.
+
+1. Embeddings (and everything outside the decoder stack except the head) run on
+   the device; a forward pre-hook on decoder layer 0 records its inputs (hidden
+   states and keyword arguments: rotary cos/sin, mask, positions) and stops the
+   forward.
+2. Each decoder layer in turn moves to the device, runs every batch with forward
+   pre-hooks on its Linears and the attention recorder below, and its outputs
+   become the next layer's inputs. The statistics are those of the unquantized
+   model (one forward pass of the original model, split by layer).
+
+Per quantized Linear: the per-input-channel second moment E[x^2] (the WMSE weight
+of the weight's blocks) and max|x| (the input global scale).
+
+Per attention module: max|q|, max|k|, max|v| and the per-head, per-channel second
+moments of q and k, taken *after* the rotary embedding (and any q/k norm), i.e.
+what attention sees. They are captured by wrapping the attention function, not
+the module: transformers 5.x attention modules call
+``ALL_ATTENTION_FUNCTIONS[config._attn_implementation](module, q, k, v, mask, ...)``
+with post-rotary q ``[B, H, T, D]`` and k/v ``[B, H_kv, T, D]`` (before GQA
+repetition). We register one extra implementation that records them and then
+calls the model's own implementation, and select it on the config only while a
+decoder layer runs; masks were built earlier with the original setting. Models
+whose attention does not go through that interface give no attention statistics
+(reported, not an error).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .layers import LayerPlan
+
+__all__ = ["AttentionStats", "LinearStats", "LayerStats", "calibrate_layers", "wmse_weight"]
+
+_IMPL_NAME = "scalesweep_calibration"
+#: Relative floor of the WMSE weight: a channel never activated during calibration
+#: keeps 1e-6 of the mean weight, so an all-silent block still gets a sensible
+#: (MSE-like) scale instead of an arbitrary one.
+WMSE_FLOOR = 1e-6
+
+
+@dataclass
+class LinearStats:
+    """Running input statistics of one Linear."""
+
+    sum_sq: torch.Tensor  # float64 [K]
+    count: int = 0
+    amax: float = 0.0
+
+    def mean_sq(self) -> torch.Tensor:
+        """E[x^2] per input channel (float32)."""
+        return (self.sum_sq / max(self.count, 1)).to(torch.float32)
+
+
+@dataclass
+class AttentionStats:
+    """Post-rotary q/k/v statistics of one attention module."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    q_sum_sq: torch.Tensor  # float64 [H, D]
+    k_sum_sq: torch.Tensor  # float64 [H_kv, D]
+    count: int = 0  # tokens (per head)
+    q_amax: float = 0.0
+    k_amax: float = 0.0
+    v_amax: float = 0.0
+
+    def q_mean_sq(self) -> torch.Tensor:
+        return (self.q_sum_sq / max(self.count, 1)).to(torch.float32)
+
+    def k_mean_sq(self) -> torch.Tensor:
+        return (self.k_sum_sq / max(self.count, 1)).to(torch.float32)
+
+
+@dataclass
+class LayerStats:
+    """Statistics of one decoder layer: Linears by full name, attention by module prefix."""
+
+    index: int
+    linears: dict[str, LinearStats] = field(default_factory=dict)
+    attention: dict[str, AttentionStats] = field(default_factory=dict)
+
+
+def wmse_weight(stats: LinearStats) -> torch.Tensor:
+    """The WMSE weight of a Linear's weight blocks: E[x^2] per input channel plus a
+    floor of :data:`WMSE_FLOOR` times its mean (float32 [K], > 0 unless all zero)."""
+    m = stats.mean_sq()
+    mean = float(m.mean()) if m.numel() else 0.0
+    if mean <= 0.0:
+        return torch.ones_like(m)
+    return m + WMSE_FLOOR * mean
+
+
+# ---------------------------------------------------------------------------
+# The attention recorder
+# ---------------------------------------------------------------------------
+
+_RECORDER: dict = {"fn": None, "impl": None}
+
+
+def _calibration_attention(module, query, key, value, attention_mask, *args, **kwargs):
+    rec = _RECORDER["fn"]
+    if rec is not None:
+        rec(module, query, key, value)
+    return _original_attention(module)(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+def _original_attention(module: nn.Module):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    impl = _RECORDER["impl"]
+    if impl and impl != "eager" and impl in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[impl]
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    return eager if eager is not None else ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+
+def _register_impl() -> bool:
+    try:
+        from transformers import AttentionInterface
+    except ImportError:  # pragma: no cover - very old transformers
+        return False
+    AttentionInterface.register(_IMPL_NAME, _calibration_attention)
+    return True
+
+
+@contextlib.contextmanager
+def _recording_attention(config, recorder) -> Iterator[None]:
+    """Route attention through the recorder while the block runs."""
+    if config is None or not _register_impl():
+        yield
+        return
+    old = getattr(config, "_attn_implementation", None)
+    _RECORDER["fn"], _RECORDER["impl"] = recorder, old
+    config._attn_implementation = _IMPL_NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = old
+        _RECORDER["fn"], _RECORDER["impl"] = None, None
+
+
+# ---------------------------------------------------------------------------
+# Moving parts of the model
+# ---------------------------------------------------------------------------
+
+
+def _move(module: nn.Module, device: torch.device, dtype: torch.dtype | None) -> None:
+    """Move to ``device``; cast floating *parameters* (not buffers: rotary
+    ``inv_freq`` must stay fp32) to ``dtype``."""
+    module.to(device)
+    if dtype is not None:
+        for p in module.parameters(recurse=True):
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _outside_layers(model: nn.Module, plan: LayerPlan) -> list[nn.Module]:
+    """Leaf-ish modules that own parameters/buffers outside the decoder stack."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    prefix = plan.layers_prefix + "."
+    out = []
+    for name, mod in model.named_modules():
+        if name == plan.layers_prefix or name.startswith(prefix) or mod is head:
+            continue
+        own = list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))
+        if own:
+            out.append(mod)
+    return out
+
+
+def _first_layer_inputs(model, plan, tokens, batch_size, device, dtype):
+    """Run everything before decoder layer 0 and return its inputs per batch."""
+    captured: list[tuple[torch.Tensor, dict]] = []
+
+    def grab(_mod, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        kw["use_cache"] = False
+        kw["past_key_values"] = None
+        captured.append((hidden, kw))
+        raise _Stop
+
+    outside = _outside_layers(model, plan)
+    saved = [(m, next(iter(m.parameters(recurse=False)), None)) for m in outside]
+    orig_dtypes = {id(m): (p.dtype if p is not None else None) for m, p in saved}
+    for m in outside:
+        _move(m, device, dtype)
+    handle = plan.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for start in range(0, tokens.shape[0], batch_size):
+            ids = tokens[start : start + batch_size].to(device)
+            with contextlib.suppress(_Stop):
+                model(input_ids=ids, use_cache=False)
+    finally:
+        handle.remove()
+        for m in outside:
+            _move(m, torch.device("cpu"), orig_dtypes[id(m)])
+    return captured
+
+
+def calibrate_layers(
+    model: nn.Module,
+    plan: LayerPlan,
+    tokens: torch.Tensor,
+    device: torch.device,
+    compute_dtype: torch.dtype,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> Iterator[tuple[int, nn.Module, LayerStats]]:
+    """Yield ``(index, layer, stats)`` per decoder layer, the layer on ``device``
+    in ``compute_dtype`` while the caller handles it (quantize it then); it goes
+    back to the host in its original dtype when the caller asks for the next one.
+    """
+    config = getattr(model, "config", None)
+    with torch.no_grad():
+        inputs = _first_layer_inputs(model, plan, tokens, batch_size, device, compute_dtype)
+        names = {id(t.module): t.name for row in plan.targets for t in row}
+        layer_iter = range(len(plan.layers))
+        if progress:
+            from tqdm.auto import tqdm
+
+            layer_iter = tqdm(layer_iter, desc="calibrate+quantize layers", unit="layer")
+        for i in layer_iter:
+            layer = plan.layers[i]
+            p0 = next(layer.parameters(), None)
+            orig_dtype = p0.dtype if p0 is not None else None
+            _move(layer, device, compute_dtype)
+            stats = LayerStats(i)
+            prefixes = {id(m): f"{plan.layers_prefix}.{i}.{n}" if n else f"{plan.layers_prefix}.{i}"
+                        for n, m in layer.named_modules()}
+            hooks = []
+            for t in plan.targets[i]:
+                stats.linears[t.name] = LinearStats(
+                    torch.zeros(t.module.in_features, dtype=torch.float64, device=device)
+                )
+                hooks.append(t.module.register_forward_pre_hook(_linear_hook(stats.linears[t.name])))
+            recorder = _attention_recorder(stats, prefixes, names)
+            try:
+                with _recording_attention(config, recorder):
+                    for j, (hidden, kw) in enumerate(inputs):
+                        out = layer(hidden, **kw)
+                        inputs[j] = (out[0] if isinstance(out, (tuple, list)) else out, kw)
+            finally:
+                for h in hooks:
+                    h.remove()
+            yield i, layer, stats
+            _move(layer, torch.device("cpu"), orig_dtype)
+
+
+def _linear_hook(st: LinearStats):
+    def hook(_mod, args):
+        x = args[0].detach()
+        x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        st.sum_sq += (x * x).sum(dim=0, dtype=torch.float64)
+        st.count += x.shape[0]
+        if x.numel():
+            st.amax = max(st.amax, float(x.abs().max()))
+
+    return hook
+
+
+def _attention_recorder(stats: LayerStats, prefixes: dict[int, str], names: dict[int, str]):
+    def record(module, query, key, value):
+        prefix = prefixes.get(id(module))
+        if prefix is None or query.dim() != 4 or key.dim() != 4:
+            return
+        q = query.detach().to(torch.float32)
+        k = key.detach().to(torch.float32)
+        v = value.detach().to(torch.float32)
+        st = stats.attention.get(prefix)
+        if st is None:
+            st = AttentionStats(
+                num_heads=q.shape[1],
+                num_kv_heads=k.shape[1],
+                head_dim=q.shape[-1],
+                q_sum_sq=torch.zeros(q.shape[1], q.shape[-1], dtype=torch.float64, device=q.device),
+                k_sum_sq=torch.zeros(k.shape[1], k.shape[-1], dtype=torch.float64, device=q.device),
+            )
+            stats.attention[prefix] = st
+        st.q_sum_sq += (q * q).sum(dim=(0, 2), dtype=torch.float64)
+        st.k_sum_sq += (k * k).sum(dim=(0, 2), dtype=torch.float64)
+        st.count += q.shape[0] * q.shape[2]
+        st.q_amax = max(st.q_amax, float(q.abs().max()))
+        st.k_amax = max(st.k_amax, float(k.abs().max()))
+        st.v_amax = max(st.v_amax, float(v.abs().max()))
+
+    return record

@@ -1,0 +1,248 @@
+"""``quantize_model``: a Hugging Face causal LM in, a compressed-tensors NVFP4
+checkpoint out (docs/CHECKPOINT.md), with a report.
+
+Steps: load the model on the host in bf16 (standard transformers, no hub access
+needed for a local folder) -> plan which Linears to quantize (:mod:`.layers`) ->
+tokenize calibration data (:mod:`.data`) -> per decoder layer, on the device:
+collect statistics (:mod:`.calibration`) and quantize its fused groups
+(:mod:`.weights`) -> write everything into a staging directory and rename it into
+place (:mod:`.writer`) with the report (:mod:`.report`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import nvfp4
+from . import calibration, data, layers, report, scheme as schemes, writer
+from .weights import GroupMember, QuantizedLinear, quantize_group
+
+__all__ = ["DEFAULT_NUM_SAMPLES", "DEFAULT_SEQ_LEN", "load_model", "quantize_model"]
+
+#: Defaults sized for the default model on 2 CPU cores (a few minutes end to end).
+DEFAULT_NUM_SAMPLES = 64
+DEFAULT_SEQ_LEN = 256
+#: Tokens per calibration forward batch.
+BATCH_TOKENS = 4096
+
+_O_PROJ_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo")
+
+
+def load_model(model: str | Path | nn.Module | None, trust_remote_code: bool = False):
+    """``(model, tokenizer or None, source dir or None, source name)``.
+
+    ``model``: a local HF folder, None (the default SmolLM2-135M-Instruct, converted
+    once into the cache) or an already loaded ``PreTrainedModel``. Raises
+    FileNotFoundError for a missing folder, ValueError for one that does not hold a
+    causal language model.
+    """
+    if isinstance(model, nn.Module):
+        src = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+        src_dir = Path(src) if src and Path(src).is_dir() else None
+        return model, _load_tokenizer(src_dir, trust_remote_code), src_dir, src or type(model).__name__
+    if model is None:
+        from . import assets
+
+        model = assets.default_model_dir()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise ValueError(f"{path} is not a Hugging Face model folder (no config.json)")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as err:  # noqa: BLE001 - transformers raises many kinds here
+        raise ValueError(f"{path}: cannot read config.json ({err})") from err
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if not trust_remote_code and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(
+            f"{path} holds a {config.model_type!r} model, not a causal language model "
+            "(AutoModelForCausalLM cannot load it)"
+        )
+    try:
+        m = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.bfloat16, trust_remote_code=trust_remote_code
+        )
+    except ValueError as err:
+        raise ValueError(f"{path}: not loadable as a causal language model ({err})") from err
+    m.eval()
+    return m, _load_tokenizer(path, trust_remote_code), path, str(path)
+
+
+def _load_tokenizer(path: Path | None, trust_remote_code: bool):
+    if path is None:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - a folder without a tokenizer is fine with token calib
+        return None
+
+
+def _attention_entry(layer: nn.Module, rel: str, st: calibration.AttentionStats, convention: str):
+    """scalesweep.json entry and runtime vectors of one attention module."""
+    h, hkv, d = st.num_heads, st.num_kv_heads, st.head_dim
+    rep = max(h // max(hkv, 1), 1)
+    attn = layer.get_submodule(rel) if rel else layer
+    o_w = None
+    for name in _O_PROJ_NAMES:
+        mod = getattr(attn, name, None)
+        if isinstance(mod, nn.Linear) and mod.in_features == h * d:
+            o_w = mod.weight.detach().to(torch.float32)
+            break
+    q_ms, k_ms = st.q_mean_sq(), st.k_mean_sq()
+    vectors = {
+        "q_weight": k_ms.repeat_interleave(rep, dim=0),  # query head h <- its KV head's E[k^2]
+        "k_weight": q_ms.view(hkv, rep, d).sum(dim=1),  # KV head g <- sum of its heads' E[q^2]
+        "v_weight": (o_w.square().sum(dim=0).view(hkv, rep, d).sum(dim=1) if o_w is not None
+                     else torch.ones(hkv, d)),
+    }
+    entry = {"num_heads": h, "num_kv_heads": hkv, "head_dim": d}
+    for k in ("q", "k", "v"):
+        amax = getattr(st, f"{k}_amax")
+        entry[f"{k}_global_scale"] = float(nvfp4.global_scale(amax, convention))
+    for k in ("q", "k", "v"):
+        entry[f"{k}_amax"] = getattr(st, f"{k}_amax")
+    entry["calibration_tokens"] = st.count
+    return entry, {k: v.cpu() for k, v in vectors.items()}
+
+
+def quantize_model(
+    model: str | Path | nn.Module | None,
+    output: str | Path | None,
+    scheme: str = "W4A4",
+    objective: str = "wmse",
+    calib: str | Path | list[str] | torch.Tensor | None = None,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    device: str | torch.device | None = None,
+    overwrite: bool = False,
+    global_scale_convention: str = "paper",
+    trust_remote_code: bool = False,
+    dry_run: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Quantize a causal LM to an NVFP4 compressed-tensors checkpoint; return the report.
+
+    ``model``: local HF folder, loaded model, or None for the default model.
+    ``scheme``: W4A16 | W4A4 | W4A4KV4 | W4A4KV4Q4. ``objective``: absmax | mse |
+    wmse (weight block scales; also the runtime method recorded for activations,
+    KV cache and query). ``calib``: None (Wikipedia), a text/JSONL file, a list of
+    texts or token ids ``[n, T]``. ``dry_run``: plan and report only, write nothing.
+    """
+    t_start = time.perf_counter()
+    sch = schemes.get_scheme(scheme)
+    schemes.check_objective(objective)
+    schemes.check_convention(global_scale_convention)
+    if not dry_run:
+        if output is None:
+            raise ValueError("an output directory is required (or use dry_run)")
+        out = writer.check_output(output, overwrite)
+        if model is not None and not isinstance(model, nn.Module) and \
+                Path(model).expanduser().absolute() == out:
+            raise ValueError("output must differ from the model directory")
+    dev = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    compute_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+
+    mdl, tokenizer, src_dir, src_name = load_model(model, trust_remote_code)
+    plan = layers.plan_model(mdl)
+    total_params = sum(p.numel() for p in mdl.parameters())
+    shapes = {t.name: (t.module.out_features, t.module.in_features) for t in plan.all_targets()}
+    ignore = _ignore_list(plan)
+    header = {
+        "model": src_name,
+        "output": None if output is None else str(Path(output).expanduser().absolute()),
+        "scheme": sch.name,
+        "objective": objective,
+        "global_scale_convention": global_scale_convention,
+        "device": str(dev),
+    }
+    t_loaded = time.perf_counter()
+    if dry_run:
+        rows = [{"name": t.name, "shape": list(shapes[t.name]),
+                 "fused_group": [u.name for u in plan.all_targets() if u.group == t.group]}
+                for t in plan.all_targets()]
+        rep = {"dry_run": True, "header": header, "layers": rows,
+               "ignored": plan.ignored, "total_params": total_params,
+               "totals": report.totals(rows)}
+        if progress:
+            print(report.format_report(rep), end="")
+        return rep
+
+    layers.check_finite(mdl)
+    tokens, source = data.calibration_tokens(calib, tokenizer, num_samples, seq_len)
+    cal_info = {"source": source, "num_samples": int(tokens.shape[0]),
+                "seq_len": int(tokens.shape[1]), "tokens": int(tokens.numel())}
+    batch = max(1, BATCH_TOKENS // tokens.shape[1])
+
+    quantized: dict[str, QuantizedLinear] = {}
+    attention: dict[str, dict] = {}
+    vectors: dict[str, torch.Tensor] = {}
+    for i, layer, st in calibration.calibrate_layers(
+        mdl, plan, tokens, dev, compute_dtype, batch_size=batch, progress=progress
+    ):
+        groups: dict[str, list[layers.Target]] = {}
+        for t in plan.targets[i]:
+            groups.setdefault(t.group, []).append(t)
+        for members in groups.values():
+            gm = [
+                GroupMember(
+                    name=t.name,
+                    weight=t.module.weight,
+                    wmse_weight=calibration.wmse_weight(st.linears[t.name]),
+                    input_amax=st.linears[t.name].amax,
+                    bias=t.module.bias,
+                )
+                for t in members
+            ]
+            for q in quantize_group(gm, objective, global_scale_convention, sch.activations):
+                quantized[q.name] = q
+                vectors[f"{q.name}.input_weight"] = q.input_weight
+        layer_prefix = f"{plan.layers_prefix}.{i}"
+        for prefix, ast in st.attention.items():
+            rel = prefix[len(layer_prefix) + 1:] if prefix != layer_prefix else ""
+            entry, vec = _attention_entry(layer, rel, ast, global_scale_convention)
+            attention[prefix] = entry
+            for k, v in vec.items():
+                vectors[f"{prefix}.{k}"] = v
+    t_quant = time.perf_counter()
+
+    rows = report.layer_rows(list(quantized.values()), shapes)
+    rep = {"dry_run": False, "header": header, "calibration": cal_info, "layers": rows,
+           "attention": attention, "ignored": plan.ignored, "total_params": total_params,
+           "totals": report.totals(rows)}
+    with writer.staging_dir(out, overwrite) as tmp:
+        writer.write_checkpoint(
+            tmp, mdl, quantized, ignore, sch, objective, global_scale_convention,
+            attention, vectors, src_dir, src_name, cal_info,
+        )
+        t_end = time.perf_counter()
+        wall = t_end - t_start
+        rep["timing"] = {
+            "wall_s": wall,
+            "load_s": t_loaded - t_start,
+            "calibrate_quantize_s": t_quant - t_loaded,
+            "write_s": t_end - t_quant,
+            "s_per_billion_params": wall / (total_params / 1e9),
+            "quantize_s_per_billion_params": (t_quant - t_loaded) / (total_params / 1e9),
+        }
+        report.write_report(rep, tmp)
+    if progress:
+        print(report.format_report(rep), end="")
+    return rep
+
+
+def _ignore_list(plan: layers.LayerPlan) -> list[str]:
+    """lm_head first (vLLM and llm-compressor convention), then the rest in model order."""
+    names = list(plan.ignored)
+    head = [n for n in names if n == "lm_head" or n.endswith(".lm_head")]
+    return head + [n for n in names if n not in head]

@@ -1,0 +1,114 @@
+"""The weight path: one fused group of Linears in, NVFP4 tensors out.
+
+Fused partners (see :mod:`.layers`) first get their shared global scales: the
+weight global scale from the max |W| over all partners and the input global scale
+from the max calibrated |x| over them (``nvfp4.global_scale``, paper or
+compressed-tensors convention). Only then is each partner's every block scale
+chosen by the kernel dispatch (Triton on CUDA, the torch reference elsewhere)
+with that shared scale, by AbsMax, MSE sweep or WMSE sweep (WMSE weight: the
+input channel's E[x^2], broadcast over rows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import kernels, nvfp4
+
+__all__ = ["GroupMember", "QuantizedLinear", "quantize_group"]
+
+
+@dataclass
+class GroupMember:
+    """One Linear of a fused group, as the weight path needs it."""
+
+    name: str
+    weight: torch.Tensor  # [N, K], any float dtype, on the compute device
+    wmse_weight: torch.Tensor | None  # [K] float32 (objective wmse), else None
+    input_amax: float  # calibrated max |x| (0.0 when not calibrated)
+    bias: torch.Tensor | None = None
+
+
+@dataclass
+class QuantizedLinear:
+    """NVFP4 tensors (on the host) and error metrics of one Linear."""
+
+    name: str
+    group: list[str]
+    weight_packed: torch.Tensor  # uint8 [N, K/2]
+    weight_scale: torch.Tensor  # float8_e4m3fn [N, K/16]
+    weight_global_scale: torch.Tensor  # float32 [1]
+    input_global_scale: torch.Tensor | None  # float32 [1] or None (W4A16)
+    bias: torch.Tensor | None
+    input_weight: torch.Tensor  # float32 [K]: sum_j W[j, i]^2 (runtime WMSE for inputs)
+    weight_amax: float
+    input_amax: float
+    metrics: dict = field(default_factory=dict)
+
+
+def _errors(w: torch.Tensor, w_hat: torch.Tensor, weight: torch.Tensor | None) -> tuple[float, float]:
+    d2 = (w - w_hat).square()
+    mse = float(d2.mean())
+    wmse = float((d2 * weight).mean()) if weight is not None else mse
+    return mse, wmse
+
+
+def quantize_group(
+    members: list[GroupMember],
+    objective: str,
+    convention: str,
+    activations: bool,
+    metrics: bool = True,
+) -> list[QuantizedLinear]:
+    """Quantize one fused group with shared global scales; see the module docstring.
+
+    ``metrics``: also quantize with AbsMax (same global scale) and record both
+    reconstruction errors (plain MSE and E[x^2]-weighted MSE, per weight element).
+    """
+    wf = [m.weight.detach().to(torch.float32) for m in members]
+    weight_amax = max(float(w.abs().max()) if w.numel() else 0.0 for w in wf)
+    input_amax = max(m.input_amax for m in members)
+    g_w = nvfp4.global_scale(weight_amax, convention).to(wf[0].device)
+    g_a = nvfp4.global_scale(input_amax, convention) if activations else None
+    names = [m.name for m in members]
+    out = []
+    for m, w in zip(members, wf, strict=True):
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(f"layer {m.name}: weight has NaN/Inf values; NVFP4 cannot represent them")
+        ww = m.wmse_weight.to(w.device) if m.wmse_weight is not None else None
+        packed, scales = kernels.quantize(
+            w, g_w, method=objective, weight=ww if objective == "wmse" else None
+        )
+        rec = {}
+        if metrics:
+            w_hat = kernels.dequantize(packed, scales, g_w, dtype=torch.float32)
+            p_abs, s_abs = kernels.quantize(w, g_w, method="absmax")
+            w_abs = kernels.dequantize(p_abs, s_abs, g_w, dtype=torch.float32)
+            mse_s, wmse_s = _errors(w, w_hat, ww)
+            mse_a, wmse_a = _errors(w, w_abs, ww)
+            rec = {
+                "mse_absmax": mse_a,
+                "mse_scalesweep": mse_s,
+                "wmse_absmax": wmse_a,
+                "wmse_scalesweep": wmse_s,
+                "scales_changed": float((scales.view(torch.uint8) != s_abs.view(torch.uint8))
+                                        .float().mean()),
+            }
+        out.append(
+            QuantizedLinear(
+                name=m.name,
+                group=names,
+                weight_packed=packed.cpu(),
+                weight_scale=scales.cpu(),
+                weight_global_scale=g_w.detach().to("cpu", torch.float32).reshape(1).clone(),
+                input_global_scale=None if g_a is None else g_a.to(torch.float32).reshape(1).clone(),
+                bias=None if m.bias is None else m.bias.detach().to("cpu", torch.bfloat16),
+                input_weight=w.square().sum(dim=0).cpu(),
+                weight_amax=float(w.abs().max()) if w.numel() else 0.0,
+                input_amax=m.input_amax,
+                metrics=rec,
+            )
+        )
+    return out
