@@ -243,14 +243,18 @@ def calibrate_layers(
             orig_dtype = p0.dtype if p0 is not None else None
             _move(layer, device, compute_dtype)
             stats = LayerStats(i)
-            prefixes = {id(m): f"{plan.layers_prefix}.{i}.{n}" if n else f"{plan.layers_prefix}.{i}"
-                        for n, m in layer.named_modules()}
+            prefixes = {
+                id(m): f"{plan.layers_prefix}.{i}.{n}" if n else f"{plan.layers_prefix}.{i}"
+                for n, m in layer.named_modules()
+            }
             hooks = []
             for t in plan.targets[i]:
                 stats.linears[t.name] = LinearStats(
                     torch.zeros(t.module.in_features, dtype=torch.float64, device=device)
                 )
-                hooks.append(t.module.register_forward_pre_hook(_linear_hook(stats.linears[t.name])))
+                hooks.append(
+                    t.module.register_forward_pre_hook(_linear_hook(stats.linears[t.name]))
+                )
             recorder = _attention_recorder(stats, prefixes, names)
             try:
                 with _recording_attention(config, recorder):

@@ -75,15 +75,18 @@ def calibration_tokens(
         raise ValueError(f"num_samples and seq_len must be >= 1, got {num_samples}, {seq_len}")
     if isinstance(calib, torch.Tensor):
         if calib.dim() != 2 or calib.numel() == 0 or calib.is_floating_point():
-            raise ValueError(f"calibration tokens must be a non-empty [n, T] integer tensor, "
-                             f"got {tuple(calib.shape)} {calib.dtype}")
+            raise ValueError(
+                f"calibration tokens must be a non-empty [n, T] integer tensor, "
+                f"got {tuple(calib.shape)} {calib.dtype}"
+            )
         return calib[:num_samples].to(torch.int64), f"token tensor {tuple(calib.shape)}"
     if calib is None:
         from . import assets
 
         docs = assets.calibration_texts()
         random.Random(_SEED).shuffle(docs)
-        source = f"wikipedia (first {assets.CALIBRATION_ARTICLES} articles of {assets.corpus_path().name})"
+        n_art = assets.CALIBRATION_ARTICLES
+        source = f"wikipedia (first {n_art} articles of {assets.corpus_path().name})"
     elif isinstance(calib, (str, Path)):
         docs = read_calibration_file(calib)
         source = str(calib)

@@ -95,9 +95,7 @@ def plan_model(model: nn.Module) -> LayerPlan:
             name = f"{prefix}.{i}.{sub}"
             inside.add(name)
             if mod.in_features % BLOCK_SIZE:
-                ignored[name] = (
-                    f"in_features {mod.in_features} is not a multiple of {BLOCK_SIZE}"
-                )
+                ignored[name] = f"in_features {mod.in_features} is not a multiple of {BLOCK_SIZE}"
                 continue
             row.append(Target(name, mod, _group_id(name)))
         targets.append(row)

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from .. import nvfp4
-from . import calibration, data, layers, report, scheme as schemes, writer
+from . import calibration, data, layers, report, writer
+from . import scheme as schemes
 from .weights import GroupMember, QuantizedLinear, quantize_group
 
 __all__ = ["DEFAULT_NUM_SAMPLES", "DEFAULT_SEQ_LEN", "load_model", "quantize_model"]
@@ -43,7 +44,12 @@ def load_model(model: str | Path | nn.Module | None, trust_remote_code: bool = F
     if isinstance(model, nn.Module):
         src = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
         src_dir = Path(src) if src and Path(src).is_dir() else None
-        return model, _load_tokenizer(src_dir, trust_remote_code), src_dir, src or type(model).__name__
+        return (
+            model,
+            _load_tokenizer(src_dir, trust_remote_code),
+            src_dir,
+            src or type(model).__name__,
+        )
     if model is None:
         from . import assets
 
@@ -102,8 +108,11 @@ def _attention_entry(layer: nn.Module, rel: str, st: calibration.AttentionStats,
     vectors = {
         "q_weight": k_ms.repeat_interleave(rep, dim=0),  # query head h <- its KV head's E[k^2]
         "k_weight": q_ms.view(hkv, rep, d).sum(dim=1),  # KV head g <- sum of its heads' E[q^2]
-        "v_weight": (o_w.square().sum(dim=0).view(hkv, rep, d).sum(dim=1) if o_w is not None
-                     else torch.ones(hkv, d)),
+        "v_weight": (
+            o_w.square().sum(dim=0).view(hkv, rep, d).sum(dim=1)
+            if o_w is not None
+            else torch.ones(hkv, d)
+        ),
     }
     entry = {"num_heads": h, "num_kv_heads": hkv, "head_dim": d}
     for k in ("q", "k", "v"):
@@ -146,11 +155,17 @@ def quantize_model(
         if output is None:
             raise ValueError("an output directory is required (or use dry_run)")
         out = writer.check_output(output, overwrite)
-        if model is not None and not isinstance(model, nn.Module) and \
-                Path(model).expanduser().absolute() == out:
+        if (
+            model is not None
+            and not isinstance(model, nn.Module)
+            and Path(model).expanduser().absolute() == out
+        ):
             raise ValueError("output must differ from the model directory")
-    dev = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
+    dev = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     compute_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
 
     mdl, tokenizer, src_dir, src_name = load_model(model, trust_remote_code)
@@ -168,20 +183,34 @@ def quantize_model(
     }
     t_loaded = time.perf_counter()
     if dry_run:
-        rows = [{"name": t.name, "shape": list(shapes[t.name]),
-                 "fused_group": [u.name for u in plan.all_targets() if u.group == t.group]}
-                for t in plan.all_targets()]
-        rep = {"dry_run": True, "header": header, "layers": rows,
-               "ignored": plan.ignored, "total_params": total_params,
-               "totals": report.totals(rows)}
+        rows = [
+            {
+                "name": t.name,
+                "shape": list(shapes[t.name]),
+                "fused_group": [u.name for u in plan.all_targets() if u.group == t.group],
+            }
+            for t in plan.all_targets()
+        ]
+        rep = {
+            "dry_run": True,
+            "header": header,
+            "layers": rows,
+            "ignored": plan.ignored,
+            "total_params": total_params,
+            "totals": report.totals(rows),
+        }
         if progress:
             print(report.format_report(rep), end="")
         return rep
 
     layers.check_finite(mdl)
     tokens, source = data.calibration_tokens(calib, tokenizer, num_samples, seq_len)
-    cal_info = {"source": source, "num_samples": int(tokens.shape[0]),
-                "seq_len": int(tokens.shape[1]), "tokens": int(tokens.numel())}
+    cal_info = {
+        "source": source,
+        "num_samples": int(tokens.shape[0]),
+        "seq_len": int(tokens.shape[1]),
+        "tokens": int(tokens.numel()),
+    }
     batch = max(1, BATCH_TOKENS // tokens.shape[1])
 
     quantized: dict[str, QuantizedLinear] = {}
@@ -209,7 +238,7 @@ def quantize_model(
                 vectors[f"{q.name}.input_weight"] = q.input_weight
         layer_prefix = f"{plan.layers_prefix}.{i}"
         for prefix, ast in st.attention.items():
-            rel = prefix[len(layer_prefix) + 1:] if prefix != layer_prefix else ""
+            rel = prefix[len(layer_prefix) + 1 :] if prefix != layer_prefix else ""
             entry, vec = _attention_entry(layer, rel, ast, global_scale_convention)
             attention[prefix] = entry
             for k, v in vec.items():
@@ -217,13 +246,30 @@ def quantize_model(
     t_quant = time.perf_counter()
 
     rows = report.layer_rows(list(quantized.values()), shapes)
-    rep = {"dry_run": False, "header": header, "calibration": cal_info, "layers": rows,
-           "attention": attention, "ignored": plan.ignored, "total_params": total_params,
-           "totals": report.totals(rows)}
+    rep = {
+        "dry_run": False,
+        "header": header,
+        "calibration": cal_info,
+        "layers": rows,
+        "attention": attention,
+        "ignored": plan.ignored,
+        "total_params": total_params,
+        "totals": report.totals(rows),
+    }
     with writer.staging_dir(out, overwrite) as tmp:
         writer.write_checkpoint(
-            tmp, mdl, quantized, ignore, sch, objective, global_scale_convention,
-            attention, vectors, src_dir, src_name, cal_info,
+            tmp,
+            mdl,
+            quantized,
+            ignore,
+            sch,
+            objective,
+            global_scale_convention,
+            attention,
+            vectors,
+            src_dir,
+            src_name,
+            cal_info,
         )
         t_end = time.perf_counter()
         wall = t_end - t_start

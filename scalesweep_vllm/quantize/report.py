@@ -35,7 +35,8 @@ def layer_rows(quantized: list[QuantizedLinear], shapes: dict[str, tuple[int, in
             "shape": list(shapes[q.name]),
             "fused_group": q.group,
             "weight_global_scale": float(q.weight_global_scale),
-            "input_global_scale": None if q.input_global_scale is None
+            "input_global_scale": None
+            if q.input_global_scale is None
             else float(q.input_global_scale),
             "weight_amax": q.weight_amax,
             "input_amax": q.input_amax,
@@ -76,14 +77,18 @@ def format_report(report: dict) -> str:
             lines.append(f"  {k:<24}{hdr[k]}")
     cal = report.get("calibration")
     if cal:
-        lines.append(f"  {'calibration':<24}{cal.get('num_samples')} x {cal.get('seq_len')} tokens "
-                     f"from {cal.get('source')}")
+        lines.append(
+            f"  {'calibration':<24}{cal.get('num_samples')} x {cal.get('seq_len')} tokens "
+            f"from {cal.get('source')}"
+        )
     lines.append("")
     rows = report.get("layers", [])
     if rows and "mse_absmax" in rows[0]:
-        lines.append(f"{'layer':<44}{'shape':>12}{'G_w':>10}{'G_a':>10}"
-                     f"{'MSE absmax':>12}{'MSE sweep':>11}{'red.':>8}"
-                     f"{'WMSE absmax':>13}{'WMSE sweep':>12}{'red.':>8}")
+        lines.append(
+            f"{'layer':<44}{'shape':>12}{'G_w':>10}{'G_a':>10}"
+            f"{'MSE absmax':>12}{'MSE sweep':>11}{'red.':>8}"
+            f"{'WMSE absmax':>13}{'WMSE sweep':>12}{'red.':>8}"
+        )
         for r in rows:
             ga = "-" if r["input_global_scale"] is None else f"{r['input_global_scale']:.4g}"
             lines.append(
@@ -96,8 +101,10 @@ def format_report(report: dict) -> str:
     elif rows:
         lines.append(f"{'layer (would be quantized)':<56}{'shape':>14}  fused group")
         for r in rows:
-            lines.append(f"{r['name'][-56:]:<56}{'x'.join(map(str, r['shape'])):>14}  "
-                         f"{'+'.join(n.rpartition('.')[2] for n in r['fused_group'])}")
+            lines.append(
+                f"{r['name'][-56:]:<56}{'x'.join(map(str, r['shape'])):>14}  "
+                f"{'+'.join(n.rpartition('.')[2] for n in r['fused_group'])}"
+            )
     ign = report.get("ignored", {})
     if ign:
         lines.append("")
@@ -109,19 +116,27 @@ def format_report(report: dict) -> str:
         lines.append("")
         lines.append(f"attention (post-rotary amax -> global scale), {len(att)} modules; first:")
         name, a = next(iter(att.items()))
-        lines.append(f"  {name}: q {a['q_amax']:.3g}->{a['q_global_scale']:.4g}  "
-                     f"k {a['k_amax']:.3g}->{a['k_global_scale']:.4g}  "
-                     f"v {a['v_amax']:.3g}->{a['v_global_scale']:.4g}")
+        lines.append(
+            f"  {name}: q {a['q_amax']:.3g}->{a['q_global_scale']:.4g}  "
+            f"k {a['k_amax']:.3g}->{a['k_global_scale']:.4g}  "
+            f"v {a['v_amax']:.3g}->{a['v_global_scale']:.4g}"
+        )
     t = report.get("totals", {})
     lines.append("")
-    lines.append(f"totals: {t.get('quantized_linears', 0)} Linears, "
-                 f"{t.get('quantized_params', 0) / 1e6:.2f}M quantized of "
-                 f"{report.get('total_params', 0) / 1e6:.2f}M parameters")
+    lines.append(
+        f"totals: {t.get('quantized_linears', 0)} Linears, "
+        f"{t.get('quantized_params', 0) / 1e6:.2f}M quantized of "
+        f"{report.get('total_params', 0) / 1e6:.2f}M parameters"
+    )
     if "mse_absmax" in t:
-        lines.append(f"  weight MSE   absmax {t['mse_absmax']:.4e}  scalesweep "
-                     f"{t['mse_scalesweep']:.4e}  reduction {_pct(t['mse_reduction']).strip()}")
-        lines.append(f"  weight WMSE  absmax {t['wmse_absmax']:.4e}  scalesweep "
-                     f"{t['wmse_scalesweep']:.4e}  reduction {_pct(t['wmse_reduction']).strip()}")
+        lines.append(
+            f"  weight MSE   absmax {t['mse_absmax']:.4e}  scalesweep "
+            f"{t['mse_scalesweep']:.4e}  reduction {_pct(t['mse_reduction']).strip()}"
+        )
+        lines.append(
+            f"  weight WMSE  absmax {t['wmse_absmax']:.4e}  scalesweep "
+            f"{t['wmse_scalesweep']:.4e}  reduction {_pct(t['wmse_reduction']).strip()}"
+        )
     tm = report.get("timing", {})
     if tm:
         lines.append(

@@ -48,7 +48,9 @@ class QuantizedLinear:
     metrics: dict = field(default_factory=dict)
 
 
-def _errors(w: torch.Tensor, w_hat: torch.Tensor, weight: torch.Tensor | None) -> tuple[float, float]:
+def _errors(
+    w: torch.Tensor, w_hat: torch.Tensor, weight: torch.Tensor | None
+) -> tuple[float, float]:
     d2 = (w - w_hat).square()
     mse = float(d2.mean())
     wmse = float((d2 * weight).mean()) if weight is not None else mse
@@ -76,7 +78,9 @@ def quantize_group(
     out = []
     for m, w in zip(members, wf, strict=True):
         if not bool(torch.isfinite(w).all()):
-            raise ValueError(f"layer {m.name}: weight has NaN/Inf values; NVFP4 cannot represent them")
+            raise ValueError(
+                f"layer {m.name}: weight has NaN/Inf values; NVFP4 cannot represent them"
+            )
         ww = m.wmse_weight.to(w.device) if m.wmse_weight is not None else None
         packed, scales = kernels.quantize(
             w, g_w, method=objective, weight=ww if objective == "wmse" else None
@@ -93,8 +97,9 @@ def quantize_group(
                 "mse_scalesweep": mse_s,
                 "wmse_absmax": wmse_a,
                 "wmse_scalesweep": wmse_s,
-                "scales_changed": float((scales.view(torch.uint8) != s_abs.view(torch.uint8))
-                                        .float().mean()),
+                "scales_changed": float(
+                    (scales.view(torch.uint8) != s_abs.view(torch.uint8)).float().mean()
+                ),
             }
         out.append(
             QuantizedLinear(
@@ -103,7 +108,9 @@ def quantize_group(
                 weight_packed=packed.cpu(),
                 weight_scale=scales.cpu(),
                 weight_global_scale=g_w.detach().to("cpu", torch.float32).reshape(1).clone(),
-                input_global_scale=None if g_a is None else g_a.to(torch.float32).reshape(1).clone(),
+                input_global_scale=None
+                if g_a is None
+                else g_a.to(torch.float32).reshape(1).clone(),
                 bias=None if m.bias is None else m.bias.detach().to("cpu", torch.bfloat16),
                 input_weight=w.square().sum(dim=0).cpu(),
                 weight_amax=float(w.abs().max()) if w.numel() else 0.0,
