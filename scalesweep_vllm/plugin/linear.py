@@ -1,0 +1,272 @@
+"""The NVFP4 Linear method: checkpoint tensors in, one of two GEMM backends out.
+
+Weights load through vLLM's parameter classes, so vLLM's own loaders place the
+fused q/k/v and gate/up shards and split them for tensor parallelism
+(``vllm/model_executor/parameter.py``; the method is registered for
+``weight_loader_v2`` in ``vllm/model_executor/layers/linear.py``).
+
+Backends (chosen once per layer at load, :func:`choose_backend`):
+
+* ``cutlass`` (Blackwell, sm_100/sm_120, W4A4): activations are quantized by
+  ScaleSweep through :func:`scalesweep_vllm.kernels.quantize`, their block scales
+  swizzled with vLLM's ``swizzle_blockscale``, and the product runs on vLLM's
+  ``cutlass_scaled_fp4_mm`` with ``alpha = 1 / (G_a * G_w)``.
+* ``dequant`` (everything else: Hopper, Ampere, CPU; and W4A16 everywhere): the
+  weight is decoded ONCE at load to the model dtype with
+  :func:`scalesweep_vllm.kernels.dequantize` (compressed-tensors' order,
+  ``(fp8 scale / G_w) * e2m1``: exact, every E2M1 x E4M3 / G product is a bf16
+  number for the global scales the quantizer writes), and each call fake-quantizes
+  the activation with ScaleSweep and runs a plain GEMM (vLLM's CPU GEMM on CPUs).
+  Same numbers as NVFP4 tensor cores up to the GEMM's fp32 summation order; no
+  weight memory is saved.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.nn import Parameter
+from vllm.model_executor.layers.linear import (
+    LinearMethodBase,
+    register_weight_loader_v2_supported_method,
+)
+from vllm.model_executor.parameter import (
+    GroupQuantScaleParameter,
+    ModelWeightParameter,
+    PerTensorScaleParameter,
+)
+from vllm.platforms import current_platform
+
+from .. import kernels
+from ..nvfp4 import BLOCK_SIZE
+
+__all__ = ["ScaleSweepLinearMethod", "choose_backend"]
+
+logger = logging.getLogger(__name__)
+
+
+def choose_backend(act_method: str | None, device: torch.device) -> str:
+    """``cutlass`` on Blackwell for W4A4 when vLLM has its FP4 GEMM, else ``dequant``."""
+    if act_method is None or device.type != "cuda":
+        return "dequant"
+    major, _ = torch.cuda.get_device_capability(device)
+    if major not in (10, 12):
+        return "dequant"
+    try:
+        from vllm.model_executor.layers.quantization.utils.nvfp4_utils import (
+            cutlass_fp4_supported,
+        )
+    except ImportError:
+        return "dequant"
+    return "cutlass" if cutlass_fp4_supported() else "dequant"
+
+
+def _tp_rank() -> int:
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    return get_tensor_model_parallel_rank()
+
+
+@register_weight_loader_v2_supported_method
+class ScaleSweepLinearMethod(LinearMethodBase):
+    """NVFP4 weights (W4A16) or weights and runtime-quantized inputs (W4A4)."""
+
+    def __init__(self, quant_config, prefix: str, shards: list[str], act_method: str | None):
+        self.quant_config = quant_config
+        self.prefix = prefix
+        self.shards = shards
+        self.act_method = act_method
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        if input_size_per_partition % BLOCK_SIZE:
+            raise ValueError(
+                f"scalesweep: {self.prefix} has {input_size_per_partition} input features per "
+                f"rank, not a multiple of {BLOCK_SIZE}; list it in 'ignore' or change the "
+                "tensor-parallel size"
+            )
+        loader = extra_weight_attrs["weight_loader"]
+        n = sum(output_partition_sizes)
+        k = input_size_per_partition
+        layer.logical_widths = list(output_partition_sizes)
+        layer.input_size_per_partition = k
+        layer.output_size_per_partition = n
+        layer.params_dtype = params_dtype
+        layer.register_parameter(
+            "weight_packed",
+            ModelWeightParameter(
+                data=torch.empty(n, k // 2, dtype=torch.uint8),
+                input_dim=1,
+                output_dim=0,
+                weight_loader=loader,
+            ),
+        )
+        layer.register_parameter(
+            "weight_scale",
+            GroupQuantScaleParameter(
+                data=torch.empty(n, k // BLOCK_SIZE, dtype=torch.float8_e4m3fn),
+                input_dim=1,
+                output_dim=0,
+                weight_loader=loader,
+            ),
+        )
+        shards = len(output_partition_sizes)
+        layer.register_parameter(
+            "weight_global_scale",
+            PerTensorScaleParameter(
+                data=torch.full((shards,), float("nan"), dtype=torch.float32),
+                weight_loader=loader,
+            ),
+        )
+        if self.act_method is not None:
+            layer.register_parameter(
+                "input_global_scale",
+                PerTensorScaleParameter(
+                    data=torch.full((shards,), float("nan"), dtype=torch.float32),
+                    weight_loader=loader,
+                ),
+            )
+        layer.scalesweep_input_weight = self._input_weight(k, input_size)
+
+    def _input_weight(self, k: int, input_size: int) -> torch.Tensor | None:
+        """The runtime WMSE weight of the input channels: the sum over fused partners
+        (they share one input) of ``P.input_weight``, this rank's slice of it."""
+        if self.act_method != "wmse":
+            return None
+        meta = self.quant_config.meta
+        vecs = []
+        for shard in self.shards:
+            key = f"{shard}.input_weight"
+            if meta is None or key not in meta.vectors:
+                raise ValueError(
+                    f"scalesweep: activation method 'wmse' needs {key} in the vectors file"
+                )
+            vecs.append(meta.vectors[key])
+        vec = torch.stack(vecs).sum(0)
+        if vec.numel() != input_size:
+            raise ValueError(f"scalesweep: {key} has {vec.numel()} entries, expected {input_size}")
+        if k != input_size:  # row-parallel: this rank sees a slice of the input features
+            r = _tp_rank()
+            vec = vec[r * k : (r + 1) * k]
+        return vec.contiguous()
+
+    # -- after loading -------------------------------------------------------------
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        gw = layer.weight_global_scale.detach().to(torch.float32)
+        if not torch.isfinite(gw).all() or (gw <= 0).any():
+            raise ValueError(f"scalesweep: {self.prefix}.weight_global_scale is {gw.tolist()}")
+        device = layer.weight_packed.device
+        layer.scalesweep_backend = choose_backend(self.act_method, device)
+        if self.act_method is not None:
+            ga = layer.input_global_scale.detach().to(torch.float32)
+            if not torch.isfinite(ga).all() or (ga <= 0).any():
+                raise ValueError(f"scalesweep: {self.prefix}.input_global_scale is {ga.tolist()}")
+            if torch.unique(ga).numel() != 1:
+                logger.warning(
+                    "scalesweep: %s: fused shards have different input_global_scale %s; "
+                    "using the largest (as vLLM does)",
+                    self.prefix,
+                    ga.tolist(),
+                )
+            # Encode scale of the input (x * G_a before rounding), shared by the shards.
+            layer.scalesweep_input_gs = ga.max().to(device)
+            del layer.input_global_scale
+        vec = layer.scalesweep_input_weight
+        if vec is not None:
+            layer.scalesweep_input_weight = vec.to(device)
+        if layer.scalesweep_backend == "cutlass":
+            self._prepare_cutlass(layer, gw)
+        else:
+            self._prepare_dequant(layer, gw)
+
+    def _prepare_dequant(self, layer: torch.nn.Module, gw: torch.Tensor) -> None:
+        """Decode once: each shard with its own global scale, so even a checkpoint
+        whose fused partners disagree is reproduced exactly."""
+        packed, scales = layer.weight_packed.data, layer.weight_scale.data
+        parts, row = [], 0
+        for i, width in enumerate(layer.logical_widths):
+            rows = slice(row, row + width)
+            parts.append(kernels.dequantize(packed[rows], scales[rows], gw[i], layer.params_dtype))
+            row += width
+        weight = torch.cat(parts) if len(parts) > 1 else parts[0]
+        del layer.weight_packed, layer.weight_scale, layer.weight_global_scale
+        layer.weight = Parameter(weight.contiguous(), requires_grad=False)
+        if current_platform.is_cpu():
+            # vLLM's own CPU GEMM (oneDNN / sgl kernels): repacks and drops layer.weight.
+            from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+            dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
+        else:
+            layer.cpu_linear = None
+
+    def _prepare_cutlass(self, layer: torch.nn.Module, gw: torch.Tensor) -> None:
+        from vllm.model_executor.layers.quantization.utils.nvfp4_utils import (
+            pad_nvfp4_weight_for_cutlass,
+            swizzle_blockscale,
+        )
+
+        if torch.unique(gw).numel() != 1:
+            logger.warning(
+                "scalesweep: %s: fused shards have different weight_global_scale %s; the FP4 "
+                "GEMM takes one, using the largest (as vLLM does)",
+                self.prefix,
+                gw.tolist(),
+            )
+        g_w = gw.max()
+        packed, pad_bytes = pad_nvfp4_weight_for_cutlass(layer.weight_packed.data)
+        layer.scalesweep_pad_bytes = pad_bytes
+        layer.weight = Parameter(packed, requires_grad=False)
+        layer.weight_scale = Parameter(
+            swizzle_blockscale(layer.weight_scale.data), requires_grad=False
+        )
+        # cutlass computes alpha * sum(a_q * a_s * w_q * w_s); decode scales are 1/G.
+        alpha = 1.0 / (layer.scalesweep_input_gs.to(torch.float32) * g_w.to(layer.weight.device))
+        layer.scalesweep_alpha = alpha.reshape(()).to(torch.float32)
+        del layer.weight_packed, layer.weight_global_scale
+
+    # -- forward -------------------------------------------------------------------------
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if layer.scalesweep_backend == "cutlass":
+            return self._apply_cutlass(layer, x, bias)
+        if self.act_method is not None:
+            x = kernels.fake_quantize(
+                x, layer.scalesweep_input_gs, self.act_method, layer.scalesweep_input_weight
+            )
+        if layer.cpu_linear is not None:
+            return layer.cpu_linear(x, layer.weight, bias)
+        return torch.nn.functional.linear(x, layer.weight, bias)
+
+    def _apply_cutlass(self, layer, x, bias):
+        from vllm._custom_ops import cutlass_scaled_fp4_mm
+        from vllm.model_executor.layers.quantization.utils.nvfp4_utils import swizzle_blockscale
+
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        packed, scales = kernels.quantize(
+            x2, layer.scalesweep_input_gs, self.act_method, layer.scalesweep_input_weight
+        )
+        if layer.scalesweep_pad_bytes:
+            packed = torch.nn.functional.pad(packed, (0, layer.scalesweep_pad_bytes))
+        out = cutlass_scaled_fp4_mm(
+            packed.contiguous(),
+            layer.weight,
+            swizzle_blockscale(scales),
+            layer.weight_scale,
+            layer.scalesweep_alpha,
+            x.dtype,
+        )
+        out = out[:, : layer.output_size_per_partition]
+        if bias is not None:
+            out = out + bias
+        return out.reshape(*shape[:-1], layer.output_size_per_partition)
