@@ -1,10 +1,13 @@
-"""Launch-side checks and backend choice (torch reference for now; Triton is added here)."""
+"""Launch-side checks and backend choice: Triton (:mod:`.launch`) on CUDA tensors, the
+torch reference (:mod:`scalesweep_vllm.sweep`) elsewhere; both give identical codes,
+scales and values (tests/test_kernels.py)."""
 
 from __future__ import annotations
 
 import torch
 
 from .. import nvfp4, sweep
+from . import launch
 
 METHODS = ("absmax", "mse", "wmse")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -16,11 +19,23 @@ def _check(x: torch.Tensor, method: str, weight: torch.Tensor | None, backend: s
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"unknown backend {backend!r}; choose auto, torch or triton")
     if not isinstance(x, torch.Tensor) or x.dtype not in _DTYPES:
-        raise TypeError(f"x must be a float32/float16/bfloat16 tensor, got {getattr(x, 'dtype', x)}")
+        raise TypeError(
+            f"x must be a float32/float16/bfloat16 tensor, got {getattr(x, 'dtype', x)}"
+        )
     if method == "wmse" and weight is None:
         raise ValueError("method 'wmse' needs a weight (per-column importance, >= 0)")
     if method != "wmse" and weight is not None:
         raise ValueError(f"method {method!r} takes no weight; use method='wmse'")
+
+
+def _use_triton(device: torch.device, backend: str) -> bool:
+    """backend "auto": Triton on CUDA tensors when triton is installed, torch otherwise;
+    "triton": always (CPU tensors then need TRITON_INTERPRET=1, checked at launch)."""
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        return True
+    return device.type == "cuda" and launch.have_triton()
 
 
 def _scales(x, global_scale, method, weight):
@@ -38,6 +53,8 @@ def quantize(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """NVFP4-quantize x: packed E2M1 codes and FP8 block scales."""
     _check(x, method, weight, backend)
+    if _use_triton(x.device, backend):
+        return launch.quantize(x, global_scale, method, weight)
     scales = _scales(x, global_scale, method, weight)
     codes = sweep.quantize_codes(x, global_scale, scales)
     return nvfp4.pack_fp4(codes), scales
@@ -51,6 +68,10 @@ def dequantize(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Decode packed NVFP4 in compressed-tensors' order: ``(v / G) * q``, then cast."""
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"unknown backend {backend!r}; choose auto, torch or triton")
+    if _use_triton(packed.device, backend):
+        return launch.dequantize(packed, scales, global_scale, dtype)
     codes = nvfp4.unpack_fp4(packed)
     if scales.shape[-1] * nvfp4.BLOCK_SIZE != codes.shape[-1]:
         raise ValueError(f"scales {tuple(scales.shape)} do not match packed {tuple(packed.shape)}")
@@ -68,5 +89,7 @@ def fake_quantize(
 ) -> torch.Tensor:
     """Quantize-dequantize, same shape and dtype as x."""
     _check(x, method, weight, backend)
+    if _use_triton(x.device, backend):
+        return launch.fake_quantize(x, global_scale, method, weight)
     scales = _scales(x, global_scale, method, weight)
     return sweep.quantize_dequantize(x, global_scale, scales).to(x.dtype)

@@ -89,7 +89,9 @@ def use_hw_e2m1(device: torch.device) -> bool:
 
 def _check_x(x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor) or x.dtype not in DTYPES:
-        raise TypeError(f"x must be a float32/float16/bfloat16 tensor, got {getattr(x, 'dtype', x)}")
+        raise TypeError(
+            f"x must be a float32/float16/bfloat16 tensor, got {getattr(x, 'dtype', x)}"
+        )
     if x.dim() == 0 or x.shape[-1] % BLOCK_SIZE:
         raise ValueError(
             f"x: last dimension must be a multiple of {BLOCK_SIZE} (NVFP4 blocks), "
@@ -198,8 +200,10 @@ def dequantize_impl(packed, scales, global_scale, dtype=torch.bfloat16, config=N
         raise TypeError(f"scales must be float8_e4m3fn, got {scales.dtype}")
     if dtype not in DTYPES:
         raise TypeError(f"dtype must be float32/float16/bfloat16, got {dtype}")
-    if packed.dim() == 0 or tuple(scales.shape[:-1]) != tuple(packed.shape[:-1]) or (
-        scales.shape[-1] * BLOCK_SIZE != packed.shape[-1] * 2
+    if (
+        packed.dim() == 0
+        or tuple(scales.shape[:-1]) != tuple(packed.shape[:-1])
+        or (scales.shape[-1] * BLOCK_SIZE != packed.shape[-1] * 2)
     ):
         raise ValueError(
             f"scales {tuple(scales.shape)} do not match packed {tuple(packed.shape)} "
@@ -220,8 +224,9 @@ def dequantize_impl(packed, scales, global_scale, dtype=torch.bfloat16, config=N
         if packed.device.type != "cuda":
             bm = min(INTERPRET_BLOCKS, triton_next_pow2(n_blocks))
         grid = ((n_blocks + bm - 1) // bm,)
-        mod.dequant_kernel[grid](p2, s2, g, out, n_blocks, BM=bm, num_warps=warps,
-                                 enable_fp_fusion=False)
+        mod.dequant_kernel[grid](
+            p2, s2, g, out, n_blocks, BM=bm, num_warps=warps, enable_fp_fusion=False
+        )
     return out.reshape(tuple(packed.shape[:-1]) + (k,))
 
 
@@ -236,8 +241,9 @@ def fp8_codes(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     block = 1024 if t.device.type == "cuda" else max(16, min(1 << 14, triton_next_pow2(t.numel())))
     if t.numel():
         grid = ((t.numel() + block - 1) // block,)
-        mod.fp8_codes_kernel[grid](t, rne, ceil, val, t.numel(), BLOCK=block,
-                                   enable_fp_fusion=False)
+        mod.fp8_codes_kernel[grid](
+            t, rne, ceil, val, t.numel(), BLOCK=block, enable_fp_fusion=False
+        )
     return rne, ceil, val
 
 

@@ -207,13 +207,19 @@ def quant_kernel(
     if METHOD != ABSMAX:
         # Window [lo, hi] exactly as sweep._bounds_blocks.
         hi = tl.where(c0 >= 8, tl.minimum(c0 + UPPER_OFFSET, 126), 15)
+        ymax = amax * g  # == max(|x| * G): fp32 rounding is monotone
+        # data-dependent upper bound: codes with v >= (max y / 3.5)(1 + margin) lose to v/2
+        t_hi = tl.div_rn(ymax, tl.zeros([BM], tl.float32) + 3.5) * MARGIN_UP
+        hi_data = tl.maximum(_fp8_ceil_code(t_hi) - 1, 15)
+        hi = tl.where(t_hi <= 448.0, tl.minimum(hi, hi_data), hi)
         e_ref = _candidate_err(a, w, g, c0, HAS_W, HW_E2M1, BM) * MARGIN_UP
         if HAS_W:
-            term = a * g - tl.sqrt_rn(tl.div_rn(e_ref[:, None] + tl.zeros_like(w), w))
+            room = tl.sqrt_rn(tl.div_rn(e_ref[:, None] + tl.zeros_like(w), w))
+            term = tl.where(w > 0, a * g - room, float("-inf"))  # w = 0: no bound
             has_nan = tl.max((term != term).to(tl.int32), axis=1) > 0  # torch.amax keeps NaN
             clip = tl.max(tl.where(term != term, float("-inf"), term), axis=1)
         else:
-            clip = amax * g - tl.sqrt_rn(e_ref)
+            clip = ymax - tl.sqrt_rn(e_ref)
             has_nan = clip != clip
         t = tl.div_rn(clip, tl.zeros([BM], tl.float32) + 6.0) * MARGIN_DOWN
         pos = (t > 0) & (~has_nan)
