@@ -46,10 +46,20 @@ DEFAULT_CONFIG = {"absmax": (128, 4), "mse": (128, 4), "wmse": (128, 4)}
 INTERPRET_BLOCKS = 256
 
 _MODULES: dict[bool, object] = {}
+_HAVE_TRITON: bool | None = None
 
 
 def have_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """Whether triton imports (tried once, only when a Triton route is considered)."""
+    global _HAVE_TRITON
+    if _HAVE_TRITON is None:
+        try:
+            import triton  # noqa: F401
+
+            _HAVE_TRITON = True
+        except ImportError:
+            _HAVE_TRITON = False
+    return _HAVE_TRITON
 
 
 def _interpreting() -> bool:

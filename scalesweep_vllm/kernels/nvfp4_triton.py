@@ -131,6 +131,19 @@ def _round_e2m1_mag(r, HW_E2M1: tl.constexpr):
 
 
 @triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _rowmax(t):
+    """Max over axis 1. Our own combine instead of tl.max: Triton's standard-library
+    functions are JIT objects created at triton's import, which the interpreter cannot
+    call unless TRITON_INTERPRET=1 was already set then; this module only uses builtins."""
+    return tl.reduce(t, 1, _max_combine)
+
+
+@triton.jit
 def _tree_sum16(e, BM: tl.constexpr):
     """Sum [BM, 16] along the last dim as the reference's tree: adjacent pairs, then
     pairs of those (sweep._tree_sum16)."""
@@ -148,13 +161,25 @@ def _tree_sum16(e, BM: tl.constexpr):
 def _candidate_err(a, w, g, code, HAS_W: tl.constexpr, HW_E2M1: tl.constexpr, BM: tl.constexpr):
     """E'(c) = S * (v * v) per block (sweep.candidate_errors)."""
     v = _fp8_value(code)
-    inv = tl.div_rn(tl.zeros([BM], tl.float32) + g, v)
+    inv = tl.div_rn(tl.full([BM], 0.0, tl.float32) + g, v)
     r = a * inv[:, None]
     d = r - _round_e2m1_mag(r, HW_E2M1)
     e = d * d
     if HAS_W:
         e = e * w
     return _tree_sum16(e, BM) * (v * v)
+
+
+@triton.jit
+def _cast_out(y, dtype: tl.constexpr):
+    """fp32 -> output dtype, round to nearest even like torch. bf16 is rounded on the
+    bits (Triton's interpreter truncates fp32 -> bf16; the GPU's cvt.rn agrees)."""
+    if dtype == tl.bfloat16:
+        u = y.to(tl.uint32, bitcast=True)
+        u = u + 0x7FFF + ((u >> 16) & 1)
+        return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return y.to(dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -200,8 +225,8 @@ def quant_kernel(
         w = a  # unused
 
     # AbsMax code c0 = fp8_rne(min((amax / 6) * G, 448)), floored at 1.
-    amax = tl.max(a, axis=1)
-    t0 = tl.minimum(tl.div_rn(amax, tl.zeros([BM], tl.float32) + 6.0) * g, 448.0)
+    amax = _rowmax(a)
+    t0 = tl.minimum(tl.div_rn(amax, tl.full([BM], 0.0, tl.float32) + 6.0) * g, 448.0)
     c0 = tl.maximum(_fp8_rne_code(t0), 1)
     best = c0
     if METHOD != ABSMAX:
@@ -209,19 +234,19 @@ def quant_kernel(
         hi = tl.where(c0 >= 8, tl.minimum(c0 + UPPER_OFFSET, 126), 15)
         ymax = amax * g  # == max(|x| * G): fp32 rounding is monotone
         # data-dependent upper bound: codes with v >= (max y / 3.5)(1 + margin) lose to v/2
-        t_hi = tl.div_rn(ymax, tl.zeros([BM], tl.float32) + 3.5) * MARGIN_UP
+        t_hi = tl.div_rn(ymax, tl.full([BM], 0.0, tl.float32) + 3.5) * MARGIN_UP
         hi_data = tl.maximum(_fp8_ceil_code(t_hi) - 1, 15)
         hi = tl.where(t_hi <= 448.0, tl.minimum(hi, hi_data), hi)
         e_ref = _candidate_err(a, w, g, c0, HAS_W, HW_E2M1, BM) * MARGIN_UP
         if HAS_W:
-            room = tl.sqrt_rn(tl.div_rn(e_ref[:, None] + tl.zeros_like(w), w))
+            room = tl.sqrt_rn(tl.div_rn(e_ref[:, None] + tl.full([BM, 16], 0.0, tl.float32), w))
             term = tl.where(w > 0, a * g - room, float("-inf"))  # w = 0: no bound
-            has_nan = tl.max((term != term).to(tl.int32), axis=1) > 0  # torch.amax keeps NaN
-            clip = tl.max(tl.where(term != term, float("-inf"), term), axis=1)
+            has_nan = _rowmax((term != term).to(tl.int32)) > 0  # torch.amax keeps NaN
+            clip = _rowmax(tl.where(term != term, float("-inf"), term))
         else:
             clip = ymax - tl.sqrt_rn(e_ref)
             has_nan = clip != clip
-        t = tl.div_rn(clip, tl.zeros([BM], tl.float32) + 6.0) * MARGIN_DOWN
+        t = tl.div_rn(clip, tl.full([BM], 0.0, tl.float32) + 6.0) * MARGIN_DOWN
         pos = (t > 0) & (~has_nan)
         lo = tl.where(pos, _fp8_ceil_code(tl.where(pos, t, 0.0)), 1)
         lo = tl.minimum(lo, c0)
@@ -229,7 +254,7 @@ def quant_kernel(
             lo = tl.maximum(lo, tl.maximum(c0 - MSE_LOWER_OFFSET, 1))
         lo = tl.where(bmask, lo, c0)  # padding blocks must not widen the loop
         hi = tl.where(bmask, hi, c0)
-        span = tl.max(hi - lo, axis=0) + 1
+        span = tl.reduce(hi - lo, 0, _max_combine) + 1
         best = lo
         best_err = tl.full([BM], float("inf"), tl.float32)
         for k in range(0, span):
@@ -242,18 +267,18 @@ def quant_kernel(
 
     # Encode with the chosen scale: r = |x| * (G / v), sign from x (-0.0 -> code 8).
     v = _fp8_value(best)
-    inv = tl.div_rn(tl.zeros([BM], tl.float32) + g, v)
+    inv = tl.div_rn(tl.full([BM], 0.0, tl.float32) + g, v)
     r = a * inv[:, None]
     q = _round_e2m1_mag(tl.minimum(r, 6.0), False)
     neg = (x.to(tl.int32, bitcast=True) >> 31) != 0
     if FAKE:
-        s = tl.div_rn(v, tl.zeros([BM], tl.float32) + g)
+        s = tl.div_rn(v, tl.full([BM], 0.0, tl.float32) + g)
         xq = s[:, None] * tl.where(neg, -q, q)
         if ROW_CONTIG:
             o_offs = offs
         else:
             o_offs = blk[:, None] * 16 + i[None, :]
-        tl.store(out_ptr + o_offs, xq.to(out_ptr.dtype.element_ty), mask=bmask[:, None])
+        tl.store(out_ptr + o_offs, _cast_out(xq, out_ptr.dtype.element_ty), mask=bmask[:, None])
     else:
         # magnitude index: q*2 below 2, q+2 below 4, q/2+4 for 4 and 6
         idx = tl.where(q < 2.0, q * 2.0, tl.where(q < 4.0, q + 2.0, q * 0.5 + 4.0))
@@ -292,12 +317,12 @@ def dequant_kernel(
     v = tl.where(sm == 0x7F, float("nan"), v)
     v = tl.where((sc & 0x80) != 0, -v, v)
     g = tl.load(g_ptr)
-    s = tl.div_rn(v, tl.zeros([BM], tl.float32) + g)
+    s = tl.div_rn(v, tl.full([BM], 0.0, tl.float32) + g)
     out = s[:, None] * q
     i = tl.arange(0, 16)
     tl.store(
         out_ptr + blk[:, None] * 16 + i[None, :],
-        out.to(out_ptr.dtype.element_ty),
+        _cast_out(out, out_ptr.dtype.element_ty),
         mask=bmask[:, None],
     )
 
