@@ -51,13 +51,19 @@ def table_candidates(n, gen):
             k = (hi - lo + 1).float()
             ex = sweep.sweep_codes(x, g, w, exhaustive=True)
             c0 = sweep.absmax_codes(x, g)
-            rows.append({
-                "data": name, "objective": obj,
-                "mean_candidates": round(float(k.mean()), 2), "max_candidates": int(k.max()),
-                "exhaustive": 126, "paper_window": 11 if obj == "mse" else 16,
-                "bounded_equals_exhaustive": bool(torch.equal(ex, sweep.sweep_codes(x, g, w))),
-                "optimum_offset_min": int((ex - c0).min()), "optimum_offset_max": int((ex - c0).max()),
-            })
+            rows.append(
+                {
+                    "data": name,
+                    "objective": obj,
+                    "mean_candidates": round(float(k.mean()), 2),
+                    "max_candidates": int(k.max()),
+                    "exhaustive": 126,
+                    "paper_window": 11 if obj == "mse" else 16,
+                    "bounded_equals_exhaustive": bool(torch.equal(ex, sweep.sweep_codes(x, g, w))),
+                    "optimum_offset_min": int((ex - c0).min()),
+                    "optimum_offset_max": int((ex - c0).max()),
+                }
+            )
     return rows
 
 
@@ -75,13 +81,19 @@ def table_reduction(n, gen):
         ew_abs, ew_46 = mean_err(x, g, s_abs, w), mean_err(x, g, s_46w, w)
         ew_sw = mean_err(x, g, sweep.sweep_scales(x, g, w), w)
         ew_mse_scales = mean_err(x, g, sweep.sweep_scales(x, g), w)
-        rows.append({
-            "data": name,
-            "mse_absmax": e_abs, "mse_4over6": e_46, "mse_sweep": e_sw,
-            "mse_cut_vs_absmax": 1 - e_sw / e_abs, "mse_cut_vs_4over6": 1 - e_sw / e_46,
-            "wmse_cut_vs_absmax": 1 - ew_sw / ew_abs, "wmse_cut_vs_4over6": 1 - ew_sw / ew_46,
-            "wmse_cut_vs_mse_sweep": 1 - ew_sw / ew_mse_scales,
-        })
+        rows.append(
+            {
+                "data": name,
+                "mse_absmax": e_abs,
+                "mse_4over6": e_46,
+                "mse_sweep": e_sw,
+                "mse_cut_vs_absmax": 1 - e_sw / e_abs,
+                "mse_cut_vs_4over6": 1 - e_sw / e_46,
+                "wmse_cut_vs_absmax": 1 - ew_sw / ew_abs,
+                "wmse_cut_vs_4over6": 1 - ew_sw / ew_46,
+                "wmse_cut_vs_mse_sweep": 1 - ew_sw / ew_mse_scales,
+            }
+        )
     return rows
 
 
@@ -95,9 +107,11 @@ def table_global_scale(n, gen):
     for target in (8, 32, 128, 256, 384, 448):
         g = torch.tensor([target * 6 / float(x.abs().max())])
         r = {"ceiling_T": target}
-        for k, s in (("absmax", sweep.absmax_scales(x, g)),
-                     ("4over6", sweep.four_over_six_scales(x, g)),
-                     ("sweep_mse", sweep.sweep_scales(x, g))):
+        for k, s in (
+            ("absmax", sweep.absmax_scales(x, g)),
+            ("4over6", sweep.four_over_six_scales(x, g)),
+            ("sweep_mse", sweep.sweep_scales(x, g)),
+        ):
             e = sweep.block_errors(x, g, s).double()
             r[k], r[k + "_top"] = float(e.mean()), float(e[top].mean())
         rows.append(r)
@@ -125,8 +139,10 @@ def adversarial_lower_offset(n, gen):
     ex = sweep.sweep_codes(x, g, exhaustive=True).flatten()
     off = ex - c0
     return {
-        "blocks": n, "min_offset": int(off.min()),
-        "below_c0_minus_3": int((off < -3).sum()), "at_c0_minus_3": int((off == -3).sum()),
+        "blocks": n,
+        "min_offset": int(off.min()),
+        "below_c0_minus_3": int((off < -3).sum()),
+        "at_c0_minus_3": int((off == -3).sum()),
     }
 
 
@@ -134,39 +150,91 @@ def fmt_table(rows, cols, fmts):
     head = "".join(f"{c:>{max(len(c), 10) + 2}}" for c in cols)
     lines = [head]
     for r in rows:
-        lines.append("".join(f"{format(r[c], f):>{max(len(c), 10) + 2}}" for c, f in zip(cols, fmts)))
+        lines.append(
+            "".join(
+                f"{format(r[c], f):>{max(len(c), 10) + 2}}" for c, f in zip(cols, fmts, strict=True)
+            )
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--blocks", type=int, default=65536, help="blocks per distribution")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     gen = torch.Generator().manual_seed(args.seed)
     t0 = time.time()
-    env = {"python": platform.python_version(), "torch": torch.__version__,
-           "machine": platform.machine(), "threads": torch.get_num_threads()}
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
     print("environment:", env)
     res = {"env": env, "blocks_per_distribution": args.blocks}
     res["candidates"] = table_candidates(args.blocks, gen)
     print("\n1. candidates per block (paper global scale 256*6/amax)")
-    print(fmt_table(res["candidates"], ["data", "objective", "mean_candidates", "max_candidates",
-                    "paper_window", "exhaustive", "bounded_equals_exhaustive"],
-                    ["", "", ".2f", "d", "d", "d", ""]))
+    print(
+        fmt_table(
+            res["candidates"],
+            [
+                "data",
+                "objective",
+                "mean_candidates",
+                "max_candidates",
+                "paper_window",
+                "exhaustive",
+                "bounded_equals_exhaustive",
+            ],
+            ["", "", ".2f", "d", "d", "d", ""],
+        )
+    )
     res["reduction"] = table_reduction(args.blocks, gen)
     print("\n2. mean block error: reduction by ScaleSweep")
-    print(fmt_table(res["reduction"], ["data", "mse_cut_vs_absmax", "mse_cut_vs_4over6",
-                    "wmse_cut_vs_absmax", "wmse_cut_vs_4over6", "wmse_cut_vs_mse_sweep"],
-                    ["", ".1%", ".1%", ".1%", ".1%", ".1%"]))
+    print(
+        fmt_table(
+            res["reduction"],
+            [
+                "data",
+                "mse_cut_vs_absmax",
+                "mse_cut_vs_4over6",
+                "wmse_cut_vs_absmax",
+                "wmse_cut_vs_4over6",
+                "wmse_cut_vs_mse_sweep",
+            ],
+            ["", ".1%", ".1%", ".1%", ".1%", ".1%"],
+        )
+    )
     res["global_scale"] = table_global_scale(args.blocks, gen)
     print("\n3. global scale G = T*6/amax (error relative to AbsMax at T=448, log-normal rows)")
-    print(fmt_table(res["global_scale"], ["ceiling_T", "absmax_vs_absmax_448",
-                    "4over6_vs_absmax_448", "sweep_mse_vs_absmax_448"], ["d", ".3f", ".3f", ".3f"]))
+    print(
+        fmt_table(
+            res["global_scale"],
+            [
+                "ceiling_T",
+                "absmax_vs_absmax_448",
+                "4over6_vs_absmax_448",
+                "sweep_mse_vs_absmax_448",
+            ],
+            ["d", ".3f", ".3f", ".3f"],
+        )
+    )
     print("   the same on the largest blocks only (amax >= half the tensor's amax)")
-    print(fmt_table(res["global_scale"], ["ceiling_T", "absmax_top_vs_absmax_448",
-                    "4over6_top_vs_absmax_448", "sweep_mse_top_vs_absmax_448"],
-                    ["d", ".3f", ".3f", ".3f"]))
+    print(
+        fmt_table(
+            res["global_scale"],
+            [
+                "ceiling_T",
+                "absmax_top_vs_absmax_448",
+                "4over6_top_vs_absmax_448",
+                "sweep_mse_top_vs_absmax_448",
+            ],
+            ["d", ".3f", ".3f", ".3f"],
+        )
+    )
     res["adversarial"] = adversarial_lower_offset(args.blocks * 2, gen)
     print("\n4. adversarial two-level blocks, exhaustive MSE optimum vs c0:", res["adversarial"])
     out = os.environ.get("OUT", "benchmarks/out")

@@ -19,7 +19,9 @@ def demo_main(argv: list[str] | None = None) -> int:
         "and ScaleSweep (MSE and weighted MSE) and print each one's mean squared error.",
     )
     p.add_argument("--rows", type=int, default=512, help="rows of each tensor (default 512)")
-    p.add_argument("--cols", type=int, default=1024, help="columns, a multiple of 16 (default 1024)")
+    p.add_argument(
+        "--cols", type=int, default=1024, help="columns, a multiple of 16 (default 1024)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--convention",
@@ -47,8 +49,10 @@ def demo_main(argv: list[str] | None = None) -> int:
         s_46 = sweep.four_over_six_scales(x, g)
         s_mse = sweep.sweep_scales(x, g)
         s_w = sweep.sweep_scales(x, g, weight)
-        e = {k: sweep.block_errors(x, g, s).mean().item() for k, s in
-             (("abs", s_abs), ("46", s_46), ("mse", s_mse))}
+        e = {
+            k: sweep.block_errors(x, g, s).mean().item()
+            for k, s in (("abs", s_abs), ("46", s_46), ("mse", s_mse))
+        }
         ew_abs = sweep.block_errors(x, g, s_abs, weight).mean().item()
         ew = sweep.block_errors(x, g, s_w, weight).mean().item()
         print(

@@ -24,9 +24,23 @@ def brute_force_e2m1(x: torch.Tensor) -> torch.Tensor:
 
 def test_e2m1_tie_table():
     cases = {
-        0.0: 0.0, 0.25: 0.0, 0.2500001: 0.5, 0.7499999: 0.5, 0.75: 1.0, 1.25: 1.0,
-        1.2500001: 1.5, 1.75: 2.0, 2.5: 2.0, 2.5000002: 3.0, 3.4999998: 3.0, 3.5: 4.0,
-        5.0: 4.0, 5.0000005: 6.0, 6.0: 6.0, 7.0: 6.0, 1e30: 6.0,
+        0.0: 0.0,
+        0.25: 0.0,
+        0.2500001: 0.5,
+        0.7499999: 0.5,
+        0.75: 1.0,
+        1.25: 1.0,
+        1.2500001: 1.5,
+        1.75: 2.0,
+        2.5: 2.0,
+        2.5000002: 3.0,
+        3.4999998: 3.0,
+        3.5: 4.0,
+        5.0: 4.0,
+        5.0000005: 6.0,
+        6.0: 6.0,
+        7.0: 6.0,
+        1e30: 6.0,
     }
     x = torch.tensor(list(cases), dtype=torch.float32)
     want = torch.tensor(list(cases.values()), dtype=torch.float32)
@@ -106,8 +120,15 @@ def test_fp8_rne_code_matches_torch_conversion():
 def test_fp8_ceil_code():
     v = nvfp4.fp8_values()
     g = torch.Generator().manual_seed(2)
-    t = torch.cat([v[1:], (v[1:] + v[:-1]) / 2, torch.rand(100_000, generator=g) * 450,
-                   torch.rand(10_000, generator=g) * 2.0**-5, torch.tensor([2.0**-9 + 2.0**-30])])
+    t = torch.cat(
+        [
+            v[1:],
+            (v[1:] + v[:-1]) / 2,
+            torch.rand(100_000, generator=g) * 450,
+            torch.rand(10_000, generator=g) * 2.0**-5,
+            torch.tensor([2.0**-9 + 2.0**-30]),
+        ]
+    )
     c = nvfp4.fp8_ceil_code(t).long()
     tc = t.clamp(max=448)
     assert bool(((v[c] >= tc) | (c == 126)).all())

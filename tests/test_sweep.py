@@ -34,7 +34,9 @@ def block_sets(scale=1):
     # per-block magnitudes spread over 40 octaves, one global scale: covers the FP8
     # subnormal codes, the top of the range and saturation (compressed-tensors' 448).
     spread = torch.randn(n, 16, generator=g) * torch.exp2(torch.rand(n, 1, generator=g) * 40 - 30)
-    sets.append(("spread-448", spread, nvfp4.global_scale(spread.abs().max() / 4, "compressed-tensors")))
+    sets.append(
+        ("spread-448", spread, nvfp4.global_scale(spread.abs().max() / 4, "compressed-tensors"))
+    )
     top = torch.randn(n // 4, 16, generator=g)
     top = top / top.abs().amax(dim=1, keepdim=True) * (1 + torch.rand(n // 4, 1, generator=g))
     sets.append(("fp8-top-448", top, nvfp4.global_scale(1.0, "compressed-tensors")))
