@@ -138,7 +138,7 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return x2, contig
 
 
-def _launch_quant(x, global_scale, method, weight, fake, config):
+def _launch_quant(x, global_scale, method, weight, fake, config, out=None, scales=None):
     if method not in METHOD_IDS:
         raise ValueError(f"unknown method {method!r}; choose one of {tuple(METHOD_IDS)}")
     _check_x(x)
@@ -151,12 +151,14 @@ def _launch_quant(x, global_scale, method, weight, fake, config):
     x2, contig = _rows(x.detach())
     m = x2.shape[0]
     n_blocks = m * (k // BLOCK_SIZE)
+    # out / scales may be given (tests poison them; benchmarks reuse them): contiguous,
+    # right shape and dtype, else a new allocation
     if fake:
-        out = torch.empty((m, k), dtype=x.dtype, device=x.device)
+        out = _out(out, (m, k), x.dtype, x.device)
         scales = out  # unused by the kernel
     else:
-        out = torch.empty((m, k // 2), dtype=torch.uint8, device=x.device)
-        scales = torch.empty((m, k // BLOCK_SIZE), dtype=torch.uint8, device=x.device)
+        out = _out(out, (m, k // 2), torch.uint8, x.device)
+        scales = _out(scales, (m, k // BLOCK_SIZE), torch.uint8, x.device)
     if n_blocks:
         bm, warps = config or DEFAULT_CONFIG[method]
         if x.device.type != "cuda":
@@ -189,18 +191,31 @@ def _launch_quant(x, global_scale, method, weight, fake, config):
     )
 
 
+def _out(buf, shape, dtype, device):
+    if buf is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if buf.dtype == torch.float8_e4m3fn:
+        buf = buf.view(torch.uint8)
+    if buf.dtype != dtype or buf.device != device or not buf.is_contiguous():
+        raise ValueError(f"output buffer must be a contiguous {dtype} tensor on {device}")
+    if buf.numel() != int(torch.Size(shape).numel()):
+        raise ValueError(f"output buffer has {buf.numel()} elements, expected shape {shape}")
+    return buf.view(shape)
+
+
 def triton_next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def quantize_impl(x, global_scale, method="mse", weight=None, config=None):
-    """Packed E2M1 codes ``[..., K/2]`` uint8 and FP8 scales ``[..., K/16]`` float8_e4m3fn."""
-    return _launch_quant(x, global_scale, method, weight, False, config)
+def quantize_impl(x, global_scale, method="mse", weight=None, config=None, out=None, scales=None):
+    """Packed E2M1 codes ``[..., K/2]`` uint8 and FP8 scales ``[..., K/16]`` float8_e4m3fn.
+    ``config=(blocks per program, num_warps)`` overrides the default tile."""
+    return _launch_quant(x, global_scale, method, weight, False, config, out, scales)
 
 
-def fake_quantize_impl(x, global_scale, method="mse", weight=None, config=None):
+def fake_quantize_impl(x, global_scale, method="mse", weight=None, config=None, out=None):
     """Quantize-dequantize, same shape and dtype as x: ``(v / G) * q`` in fp32, then cast."""
-    return _launch_quant(x, global_scale, method, weight, True, config)
+    return _launch_quant(x, global_scale, method, weight, True, config, out)
 
 
 def dequantize_impl(packed, scales, global_scale, dtype=torch.bfloat16, config=None):
