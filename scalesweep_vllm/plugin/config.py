@@ -204,5 +204,7 @@ def _resolve_folder(model_name: str, revision: str | None) -> str | None:
             allow_patterns=[METADATA_FILE, "scalesweep_vectors.safetensors"],
         )
     except Exception as exc:  # offline or not a Hub id: served without our metadata
-        logger.warning("scalesweep: cannot look for %s beside %s: %s", METADATA_FILE, model_name, exc)
+        logger.warning(
+            "scalesweep: cannot look for %s beside %s: %s", METADATA_FILE, model_name, exc
+        )
         return None

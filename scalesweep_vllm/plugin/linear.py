@@ -77,6 +77,9 @@ class ScaleSweepLinearMethod(LinearMethodBase):
         self.prefix = prefix
         self.shards = shards
         self.act_method = act_method
+        # A W4A4 checkpoint holds input_global_scale even when the user turned
+        # activation quantization off (SCALESWEEP_ACTIVATIONS=off): load and drop it.
+        self.has_input_scale = bool(quant_config.ct.activations)
 
     def create_weights(
         self,
@@ -127,7 +130,7 @@ class ScaleSweepLinearMethod(LinearMethodBase):
                 weight_loader=loader,
             ),
         )
-        if self.act_method is not None:
+        if self.has_input_scale:
             layer.register_parameter(
                 "input_global_scale",
                 PerTensorScaleParameter(
@@ -179,6 +182,7 @@ class ScaleSweepLinearMethod(LinearMethodBase):
                 )
             # Encode scale of the input (x * G_a before rounding), shared by the shards.
             layer.scalesweep_input_gs = ga.max().to(device)
+        if self.has_input_scale:
             del layer.input_global_scale
         vec = layer.scalesweep_input_weight
         if vec is not None:

@@ -279,8 +279,9 @@ def resolve_settings(
         method = meta.__dict__[part]["method"] if meta.__dict__[part]["enabled"] else None
         if asked:
             letters = "kv" if part == "kv_cache" else "q"
-            scales = [getattr(e, f"{c}_global_scale") for e in meta.attention.values()
-                      for c in letters]
+            scales = [
+                getattr(e, f"{c}_global_scale") for e in meta.attention.values() for c in letters
+            ]
             if not scales or not all(0 < s < float("inf") for s in scales):
                 raise CheckpointError(
                     f"{ENV_METHOD_OVERRIDES[part]} asks for {part} quantization but "
