@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# All GPU work of the project, in one command, for a lent H100/H200:
+#
+#     bash benchmarks/gpu_suite.sh            # writes to ${OUT:-benchmarks/out}
+#
+# The machine has torch, triton and transformers only: no vLLM, no network, this
+# package not pip-installed (it is put on PYTHONPATH here). Ends within 10 minutes on
+# an H100: each step has its own time limit (the sum stays under 9 minutes).
+#
+# Outputs (few files: the device tool brings back at most 8): gpu_suite.log (every
+# step's output), summary.txt (one line per step), bench_quant.json, ptx_report.json.
+#
+# To add a step, append a line `step NAME SECONDS command args...` in the STEPS
+# section below and keep the total of the SECONDS under 540. A failing step does not
+# stop the others; the script exits non-zero if any step failed.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/out}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+LOG="$OUT/gpu_suite.log"
+SUMMARY="$OUT/summary.txt"
+: >"$LOG"
+: >"$SUMMARY"
+FAILED=0
+T0=$(date +%s)
+
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local t=$(date +%s)
+  echo "=== step $name (limit ${limit}s): $*" | tee -a "$LOG"
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  local line="$name rc=$rc $(( $(date +%s) - t ))s"
+  echo "=== $line" | tee -a "$LOG"
+  echo "$line" >>"$SUMMARY"
+  [ "$rc" -eq 0 ] || FAILED=1
+}
+
+# ------------------------------------------------------------------- STEPS
+step environment 60 bash -c '(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true); python -c "import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name(0))"'
+
+# GPU tests: only the files named here are collected, so no module that imports vLLM
+# is ever imported (add your GPU test files to this list).
+GPU_TESTS="tests/test_kernels_gpu.py"
+step gpu_tests 240 python -m pytest -q -m gpu -p no:cacheprovider $GPU_TESTS
+
+step bench_quant 180 python benchmarks/bench_quant.py --check --out "$OUT"
+
+step ptx_report 60 python benchmarks/ptx_report.py --out "$OUT/ptx_report.json"
+
+# (append further steps here)
+# ----------------------------------------------------------------- END STEPS
+
+echo "=== gpu_suite done in $(( $(date +%s) - T0 ))s, failed=$FAILED" | tee -a "$LOG"
+cat "$SUMMARY"
+exit "$FAILED"
