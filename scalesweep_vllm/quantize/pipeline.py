@@ -148,6 +148,7 @@ def quantize_model(
     texts or token ids ``[n, T]``. ``dry_run``: plan and report only, write nothing.
     """
     t_start = time.perf_counter()
+    cpu_start = time.process_time()
     sch = schemes.get_scheme(scheme)
     schemes.check_objective(objective)
     schemes.check_convention(global_scale_convention)
@@ -280,6 +281,9 @@ def quantize_model(
             "write_s": t_end - t_quant,
             "s_per_billion_params": wall / (total_params / 1e9),
             "quantize_s_per_billion_params": (t_quant - t_loaded) / (total_params / 1e9),
+            # process CPU time (all threads): on a shared machine wall time overstates
+            "cpu_s": time.process_time() - cpu_start,
+            "cpu_s_per_billion_params": (time.process_time() - cpu_start) / (total_params / 1e9),
         }
         report.write_report(rep, tmp)
     if progress:

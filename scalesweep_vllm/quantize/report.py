@@ -144,6 +144,10 @@ def format_report(report: dict) -> str:
             f"quantize {tm.get('calibrate_quantize_s', 0):.1f}, write {tm.get('write_s', 0):.1f}); "
             f"{tm.get('s_per_billion_params', 0):.1f} s per billion parameters"
         )
+        lines.append(
+            f"      {tm.get('cpu_s', 0):.1f} s process CPU time (all threads), "
+            f"{tm.get('cpu_s_per_billion_params', 0):.1f} CPU s per billion parameters"
+        )
     return "\n".join(lines) + "\n"
 
 
