@@ -9,7 +9,6 @@ import shutil
 from importlib.metadata import entry_points
 
 import pytest
-
 from plugin_support import tiny_checkpoint
 
 pytestmark = pytest.mark.vllm

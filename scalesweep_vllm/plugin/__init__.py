@@ -15,7 +15,7 @@ import os
 
 __all__ = ["NAME", "SUPPORTED_VLLM", "check_vllm_version", "register"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("vllm.scalesweep")  # under vLLM's configured logger
 
 #: The name given to ``--quantization``.
 NAME = "scalesweep"

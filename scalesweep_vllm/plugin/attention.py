@@ -29,7 +29,7 @@ from .. import kernels
 
 __all__ = ["ScaleSweepKVCacheMethod", "head_slice"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("vllm.scalesweep")  # under vLLM's configured logger
 
 
 def head_slice(total: int, local: int, rank: int, tp: int) -> slice:

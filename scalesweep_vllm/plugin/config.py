@@ -37,7 +37,7 @@ from .metadata import (
 
 __all__ = ["ScaleSweepConfig"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("vllm.scalesweep")  # under vLLM's configured logger
 
 #: Tensor names of scalesweep_vectors.safetensors (docs/CHECKPOINT.md).
 _VECTOR_SUFFIXES = (".input_weight", ".q_weight", ".k_weight", ".v_weight")

@@ -43,7 +43,7 @@ from ..nvfp4 import BLOCK_SIZE
 
 __all__ = ["ScaleSweepLinearMethod", "choose_backend"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("vllm.scalesweep")  # under vLLM's configured logger
 
 
 def choose_backend(act_method: str | None, device: torch.device) -> str:
