@@ -30,7 +30,13 @@ METHODS = {"absmax": 0, "mse": 1, "wmse": 2}
 
 
 def compile_quant(
-    arch: int, method: str, hw: bool, dtype: str = "bf16", bm: int = 128, warps: int = 4
+    arch: int,
+    method: str,
+    hw: bool,
+    dtype: str = "bf16",
+    bm: int = 128,
+    warps: int = 4,
+    table: bool = True,
 ):
     """triton.compile the quantize kernel for ``GPUTarget("cuda", arch, 32)``; returns the
     compiled kernel (``.asm`` holds "ptx" and "cubin")."""
@@ -44,6 +50,7 @@ def compile_quant(
         "x_ptr": f"*{dtype}",
         "w_ptr": "*fp32",
         "g_ptr": "*fp32",
+        "tab_ptr": "*fp32",
         "out_ptr": "*u8",
         "scale_ptr": "*u8",
         "n_blocks": "i32",
@@ -54,6 +61,7 @@ def compile_quant(
         "FAKE": "constexpr",
         "ROW_CONTIG": "constexpr",
         "HW_E2M1": "constexpr",
+        "USE_TABLE": "constexpr",
         "BM": "constexpr",
     }
     constexprs = {
@@ -61,10 +69,11 @@ def compile_quant(
         "FAKE": False,
         "ROW_CONTIG": True,
         "HW_E2M1": hw,
+        "USE_TABLE": table,
         "BM": bm,
     }
     # pointers 16-byte aligned, as torch allocations are (what the JIT specializes on)
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(5)}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(6)}
     src = ASTSource(fn=k.quant_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     opts = {"num_warps": warps, "enable_fp_fusion": False}
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
@@ -139,8 +148,10 @@ def sass_loop_ops(cubin: bytes) -> collections.Counter | None:
     return ops
 
 
-def report(arch: int, method: str, hw: bool, bm: int = 128, warps: int = 4) -> dict:
-    ck = compile_quant(arch, method, hw, bm=bm, warps=warps)
+def report(
+    arch: int, method: str, hw: bool, bm: int = 128, warps: int = 4, table: bool = True
+) -> dict:
+    ck = compile_quant(arch, method, hw, bm=bm, warps=warps, table=table)
     ptx = ck.asm["ptx"]
     elems = bm * 16 // (32 * warps)
     p_ops = ptx_loop_ops(ptx)
@@ -149,6 +160,7 @@ def report(arch: int, method: str, hw: bool, bm: int = 128, warps: int = 4) -> d
         "arch": f"sm_{arch}",
         "method": method,
         "hw_e2m1": hw,
+        "table": table,
         "BM": bm,
         "num_warps": warps,
         "elements_per_thread": elems,

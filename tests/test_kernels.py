@@ -89,8 +89,16 @@ def test_random_exact(method, m, dtype):
     check_exact(x, g, method, w)
 
 
+@pytest.fixture
+def table(monkeypatch, request):
+    """Sweep launches reading G / v and v^2 from the table kernel (True) or dividing."""
+    monkeypatch.setattr(launch, "TABLE_MIN_BLOCKS", 0 if request.param else 1 << 62)
+    return request.param
+
+
+@pytest.mark.parametrize("table", [True], indirect=True, ids=["table"])
 @pytest.mark.parametrize("dist", ["gauss", "laplace", "uniform", "outliers"])
-def test_many_blocks_exact(dist):
+def test_many_blocks_exact(dist, table):
     """512 blocks per distribution, both global-scale conventions (MSE and WMSE)."""
     seed = {"gauss": 1, "laplace": 2, "uniform": 3, "outliers": 4}[dist]
     gen = torch.Generator().manual_seed(seed)
@@ -155,8 +163,9 @@ def _adversarial_rows() -> torch.Tensor:
     return torch.stack(rows)
 
 
+@pytest.mark.parametrize("table", [True, False], indirect=True, ids=["table", "divide"])
 @pytest.mark.parametrize("method", ["absmax", "mse", "wmse"])
-def test_adversarial_exact(method):
+def test_adversarial_exact(method, table):
     x = _adversarial_rows()
     gen = torch.Generator().manual_seed(7)
     w = _weight(64, gen) if method == "wmse" else None
@@ -168,8 +177,9 @@ def test_adversarial_exact(method):
         check_exact(xd, nvfp4.global_scale(xd.float().abs().max()), method, w)
 
 
+@pytest.mark.parametrize("table", [True, False], indirect=True, ids=["table", "divide"])
 @pytest.mark.parametrize("method", ["mse", "wmse"])
-def test_huge_values_exact(method):
+def test_huge_values_exact(method, table):
     """Values near the fp32 and bf16 ranges' ends (tiny global scale) and tiny tensors
     (huge global scale, subnormal block scales)."""
     gen = torch.Generator().manual_seed(11)
@@ -198,8 +208,8 @@ def test_wmse_zero_weights_exact():
     check_exact(x, g, "wmse", w)
     w = torch.zeros(32)
     w[3] = 1.0
-    check_exact(x, g, "wmse", w)
-    check_exact(x, g, "wmse", torch.zeros(32))
+    check_exact(x, g, "wmse", w, fake=False)  # windows of ~120 codes: slow in the interpreter
+    check_exact(x[:2], g, "wmse", torch.zeros(32), fake=False)
     check_exact(x, g, "wmse", torch.ones(1, 32))  # [1, K] is a per-column vector too
     # exact-representable block (E_ref = 0) with zero weights
     xe = torch.tensor([[0.5, 1.0, -6.0, 3.0] * 4 + [0.0] * 16])

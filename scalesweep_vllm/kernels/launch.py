@@ -42,6 +42,9 @@ METHOD_IDS = {"absmax": 0, "mse": 1, "wmse": 2}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: Blocks per program and warps, by method (the benchmark can override them).
 DEFAULT_CONFIG = {"absmax": (128, 4), "mse": (128, 4), "wmse": (128, 4)}
+#: Sweeps over at least this many blocks read G / v and v^2 from a 256-entry table made
+#: by one extra tiny launch, instead of an IEEE division per block and candidate.
+TABLE_MIN_BLOCKS = 4096
 #: In the interpreter, bigger tiles mean fewer Python-level programs.
 INTERPRET_BLOCKS = 256
 
@@ -164,10 +167,16 @@ def _launch_quant(x, global_scale, method, weight, fake, config, out=None, scale
         if x.device.type != "cuda":
             bm = min(INTERPRET_BLOCKS, triton_next_pow2(n_blocks))
         grid = ((n_blocks + bm - 1) // bm,)
+        use_table = method != "absmax" and n_blocks >= TABLE_MIN_BLOCKS
+        tab = g
+        if use_table:
+            tab = torch.empty(256, dtype=torch.float32, device=x.device)
+            mod.table_kernel[(1,)](g, tab, num_warps=4, enable_fp_fusion=False)
         mod.quant_kernel[grid](
             x2,
             w,
             g,
+            tab,
             out,
             scales,
             n_blocks,
@@ -178,6 +187,7 @@ def _launch_quant(x, global_scale, method, weight, fake, config, out=None, scale
             FAKE=fake,
             ROW_CONTIG=contig,
             HW_E2M1=use_hw_e2m1(x.device),
+            USE_TABLE=use_table,
             BM=bm,
             num_warps=warps,
             enable_fp_fusion=False,
@@ -198,6 +208,8 @@ def _out(buf, shape, dtype, device):
         buf = buf.view(torch.uint8)
     if buf.dtype != dtype or buf.device != device or not buf.is_contiguous():
         raise ValueError(f"output buffer must be a contiguous {dtype} tensor on {device}")
+    if buf.data_ptr() % 16:
+        raise ValueError("output buffer must be 16-byte aligned")
     if buf.numel() != int(torch.Size(shape).numel()):
         raise ValueError(f"output buffer has {buf.numel()} elements, expected shape {shape}")
     return buf.view(shape)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["dequant_kernel", "fp8_codes_kernel", "quant_kernel"]
+__all__ = ["dequant_kernel", "fp8_codes_kernel", "quant_kernel", "table_kernel"]
 
 # Methods, mirrored once as Triton constants (launch.METHOD_IDS maps the names).
 ABSMAX: tl.constexpr = tl.constexpr(0)
@@ -144,30 +144,94 @@ def _rowmax(t):
 
 
 @triton.jit
-def _tree_sum16(e, BM: tl.constexpr):
-    """Sum [BM, 16] along the last dim as the reference's tree: adjacent pairs, then
-    pairs of those (sweep._tree_sum16)."""
-    e8 = tl.split(tl.reshape(e, [BM, 8, 2]))
-    e = e8[0] + e8[1]
-    e4 = tl.split(tl.reshape(e, [BM, 4, 2]))
-    e = e4[0] + e4[1]
-    e2 = tl.split(tl.reshape(e, [BM, 2, 2]))
-    e = e2[0] + e2[1]
-    e1 = tl.split(e)
-    return e1[0] + e1[1]
+def _add_combine(a, b):
+    return a + b
 
 
 @triton.jit
-def _candidate_err(a, w, g, code, HAS_W: tl.constexpr, HW_E2M1: tl.constexpr, BM: tl.constexpr):
-    """E'(c) = S * (v * v) per block (sweep.candidate_errors)."""
-    v = _fp8_value(code)
-    inv = tl.div_rn(tl.full([BM], 0.0, tl.float32) + g, v)
+def _tree4(e, BM: tl.constexpr):
+    """[BM, 4] -> [BM]: (e0 + e1) + (e2 + e3), the reference tree's first two levels."""
+    p = tl.split(tl.reshape(e, [BM, 2, 2]))
+    s = p[0] + p[1]
+    q = tl.split(s)
+    return q[0] + q[1]
+
+
+@triton.jit
+def _part_err(a, w, inv, HAS_W: tl.constexpr, HW_E2M1: tl.constexpr, BM: tl.constexpr):
+    """Tree sum of (d * d) [* w] over one quarter block [BM, 4]."""
     r = a * inv[:, None]
     d = r - _round_e2m1_mag(r, HW_E2M1)
     e = d * d
     if HAS_W:
         e = e * w
-    return _tree_sum16(e, BM) * (v * v)
+    return _tree4(e, BM)
+
+
+@triton.jit
+def _inv_v2(g, code, tab_ptr, USE_TABLE: tl.constexpr, BM: tl.constexpr):
+    """(G / v, v * v) of per-block codes: from the launch's table, or computed."""
+    if USE_TABLE:
+        inv = tl.load(tab_ptr + code)
+        v2 = tl.load(tab_ptr + 128 + code)
+    else:
+        v = _fp8_value(code)
+        inv = tl.div_rn(tl.full([BM], 0.0, tl.float32) + g, v)
+        v2 = v * v
+    return inv, v2
+
+
+@triton.jit
+def _candidate_err(
+    a0, a1, a2, a3, w0, w1, w2, w3, g, code, tab_ptr,
+    HAS_W: tl.constexpr, HW_E2M1: tl.constexpr, USE_TABLE: tl.constexpr, BM: tl.constexpr,
+):  # fmt: skip
+    """E'(c) = S * (v * v) per block (sweep.candidate_errors); the 16-term tree is
+    (tree(q0) + tree(q1)) + (tree(q2) + tree(q3)) over the block's quarters."""
+    inv, v2 = _inv_v2(g, code, tab_ptr, USE_TABLE, BM)
+    t0 = _part_err(a0, w0, inv, HAS_W, HW_E2M1, BM)
+    t1 = _part_err(a1, w1, inv, HAS_W, HW_E2M1, BM)
+    t2 = _part_err(a2, w2, inv, HAS_W, HW_E2M1, BM)
+    t3 = _part_err(a3, w3, inv, HAS_W, HW_E2M1, BM)
+    return ((t0 + t1) + (t2 + t3)) * v2
+
+
+@triton.jit
+def _load_part(ptr, base, p: tl.constexpr, stride_k, bmask):
+    j = tl.arange(0, 4)
+    x = tl.load(ptr + base[:, None] + (p * 4 + j[None, :]) * stride_k, mask=bmask[:, None])
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _load_w(w_ptr, wbase, p: tl.constexpr, bmask):
+    j = tl.arange(0, 4)
+    return tl.load(w_ptr + wbase[:, None] + (p * 4 + j[None, :]), mask=bmask[:, None], other=1.0)
+
+
+@triton.jit
+def _clip_part(a, w, g, e_ref):
+    """Per quarter: max_i (y_i - sqrt(E_ref / w_i)) over w_i > 0, and whether a NaN
+    occurred (torch.amax would propagate it)."""
+    room = tl.sqrt_rn(tl.div_rn(e_ref[:, None] + tl.full(a.shape, 0.0, tl.float32), w))
+    term = tl.where(w > 0, a * g - room, float("-inf"))
+    nan = _rowmax((term != term).to(tl.int32))
+    return _rowmax(tl.where(term != term, float("-inf"), term)), nan
+
+
+@triton.jit
+def _encode_part(x, a, inv, p: tl.constexpr):
+    """E2M1 codes of x * (G / v) for one quarter, as the 16-bit little-endian nibbles
+    c0 | c1 << 4 | c2 << 8 | c3 << 12 shifted to the quarter's place in the block's
+    64-bit word; and the signed E2M1 values."""
+    q = _round_e2m1_mag(tl.minimum(a * inv[:, None], 6.0), False)
+    neg = (x.to(tl.int32, bitcast=True) >> 31) != 0
+    # magnitude index: q*2 below 2, q+2 below 4, q/2+4 for 4 and 6
+    idx = tl.where(q < 2.0, q * 2.0, tl.where(q < 4.0, q + 2.0, q * 0.5 + 4.0))
+    codes = (idx.to(tl.int32) | (neg.to(tl.int32) << 3)).to(tl.uint64)
+    j = tl.arange(0, 4)
+    word = tl.reduce(codes << (4 * j + 16 * p)[None, :].to(tl.uint64), 1, _add_combine)
+    return word, tl.where(neg, -q, q)
 
 
 @triton.jit
@@ -192,7 +256,8 @@ def quant_kernel(
     x_ptr,  # [M, K] bf16/fp16/fp32, strides (stride_m, stride_k)
     w_ptr,  # [K] fp32 weights (WMSE only)
     g_ptr,  # [1] fp32 global (encode) scale
-    out_ptr,  # FAKE: [M, K] contiguous, x's dtype; else packed uint8 [M, K/2]
+    tab_ptr,  # [256] fp32: G / v(c) for codes 0..127, then v(c)^2 (USE_TABLE only)
+    out_ptr,  # FAKE: [M, K] contiguous, x's dtype; else packed uint8 [M, K/2], 8-B aligned
     scale_ptr,  # uint8 [M, K/16]: FP8 E4M3 codes (unused when FAKE)
     n_blocks,  # M * K / 16
     n_kblocks,  # K / 16
@@ -202,31 +267,50 @@ def quant_kernel(
     FAKE: tl.constexpr,
     ROW_CONTIG: tl.constexpr,
     HW_E2M1: tl.constexpr,
+    USE_TABLE: tl.constexpr,
     BM: tl.constexpr,
 ):
+    """One program: BM blocks of 16, each thread-local. The block is loaded as four
+    [BM, 4] quarters so that the compiler gives each thread whole blocks (one 16-wide
+    tile would be split over threads by the vector width): no shuffles in the loop and
+    the per-block work (scale, division, argmin) is done once per block."""
     pid = tl.program_id(0)
     blk = pid.to(tl.int64) * BM + tl.arange(0, BM)
     bmask = blk < n_blocks
-    i = tl.arange(0, 16)
     if ROW_CONTIG:
-        offs = blk[:, None] * 16 + i[None, :]
+        base = blk * 16
+        x0 = _load_part(x_ptr, base, 0, 1, bmask)
+        x1 = _load_part(x_ptr, base, 1, 1, bmask)
+        x2 = _load_part(x_ptr, base, 2, 1, bmask)
+        x3 = _load_part(x_ptr, base, 3, 1, bmask)
     else:
         row = blk // n_kblocks
-        col = (blk - row * n_kblocks) * 16
-        offs = row[:, None] * stride_m + (col[:, None] + i[None, :]) * stride_k
-    x = tl.load(x_ptr + offs, mask=bmask[:, None], other=0.0).to(tl.float32)
-    a = tl.abs(x)
+        base = row * stride_m + (blk - row * n_kblocks) * 16 * stride_k
+        x0 = _load_part(x_ptr, base, 0, stride_k, bmask)
+        x1 = _load_part(x_ptr, base, 1, stride_k, bmask)
+        x2 = _load_part(x_ptr, base, 2, stride_k, bmask)
+        x3 = _load_part(x_ptr, base, 3, stride_k, bmask)
+    a0 = tl.abs(x0)
+    a1 = tl.abs(x1)
+    a2 = tl.abs(x2)
+    a3 = tl.abs(x3)
     g = tl.load(g_ptr)
     HAS_W: tl.constexpr = METHOD == WMSE
     if HAS_W:
-        w_offs = ((blk % n_kblocks) * 16)[:, None] + i[None, :]
-        w = tl.load(w_ptr + w_offs, mask=bmask[:, None], other=1.0)
+        wbase = (blk % n_kblocks) * 16
+        w0 = _load_w(w_ptr, wbase, 0, bmask)
+        w1 = _load_w(w_ptr, wbase, 1, bmask)
+        w2 = _load_w(w_ptr, wbase, 2, bmask)
+        w3 = _load_w(w_ptr, wbase, 3, bmask)
     else:
-        w = a  # unused
+        w0 = a0  # unused
+        w1 = a1
+        w2 = a2
+        w3 = a3
 
     # AbsMax code c0 = fp8_rne(min((amax / 6) * G, 448)), floored at 1.
-    amax = _rowmax(a)
-    t0 = tl.minimum(tl.div_rn(amax, tl.full([BM], 0.0, tl.float32) + 6.0) * g, 448.0)
+    amax = tl.maximum(tl.maximum(_rowmax(a0), _rowmax(a1)), tl.maximum(_rowmax(a2), _rowmax(a3)))
+    t0 = tl.minimum(tl.div_rn(amax, tl.full([BM], 6.0, tl.float32)) * g, 448.0)
     c0 = tl.maximum(_fp8_rne_code(t0), 1)
     best = c0
     if METHOD != ABSMAX:
@@ -234,19 +318,26 @@ def quant_kernel(
         hi = tl.where(c0 >= 8, tl.minimum(c0 + UPPER_OFFSET, 126), 15)
         ymax = amax * g  # == max(|x| * G): fp32 rounding is monotone
         # data-dependent upper bound: codes with v >= (max y / 3.5)(1 + margin) lose to v/2
-        t_hi = tl.div_rn(ymax, tl.full([BM], 0.0, tl.float32) + 3.5) * MARGIN_UP
+        t_hi = tl.div_rn(ymax, tl.full([BM], 3.5, tl.float32)) * MARGIN_UP
         hi_data = tl.maximum(_fp8_ceil_code(t_hi) - 1, 15)
         hi = tl.where(t_hi <= 448.0, tl.minimum(hi, hi_data), hi)
-        e_ref = _candidate_err(a, w, g, c0, HAS_W, HW_E2M1, BM) * MARGIN_UP
+        e_ref = (
+            _candidate_err(
+                a0, a1, a2, a3, w0, w1, w2, w3, g, c0, tab_ptr, HAS_W, HW_E2M1, USE_TABLE, BM
+            )
+            * MARGIN_UP
+        )
         if HAS_W:
-            room = tl.sqrt_rn(tl.div_rn(e_ref[:, None] + tl.full([BM, 16], 0.0, tl.float32), w))
-            term = tl.where(w > 0, a * g - room, float("-inf"))  # w = 0: no bound
-            has_nan = _rowmax((term != term).to(tl.int32)) > 0  # torch.amax keeps NaN
-            clip = _rowmax(tl.where(term != term, float("-inf"), term))
+            m0, n0 = _clip_part(a0, w0, g, e_ref)
+            m1, n1 = _clip_part(a1, w1, g, e_ref)
+            m2, n2 = _clip_part(a2, w2, g, e_ref)
+            m3, n3 = _clip_part(a3, w3, g, e_ref)
+            clip = tl.maximum(tl.maximum(m0, m1), tl.maximum(m2, m3))
+            has_nan = (n0 + n1 + n2 + n3) > 0
         else:
             clip = ymax - tl.sqrt_rn(e_ref)
             has_nan = clip != clip
-        t = tl.div_rn(clip, tl.full([BM], 0.0, tl.float32) + 6.0) * MARGIN_DOWN
+        t = tl.div_rn(clip, tl.full([BM], 6.0, tl.float32)) * MARGIN_DOWN
         pos = (t > 0) & (~has_nan)
         lo = tl.where(pos, _fp8_ceil_code(tl.where(pos, t, 0.0)), 1)
         lo = tl.minimum(lo, c0)
@@ -260,7 +351,10 @@ def quant_kernel(
         for k in range(0, span):
             code = lo + k
             valid = code <= hi
-            err = _candidate_err(a, w, g, tl.where(valid, code, lo), HAS_W, HW_E2M1, BM)
+            err = _candidate_err(
+                a0, a1, a2, a3, w0, w1, w2, w3, g, tl.where(valid, code, lo), tab_ptr,
+                HAS_W, HW_E2M1, USE_TABLE, BM,
+            )  # fmt: skip
             better = valid & (err < best_err)
             best_err = tl.where(better, err, best_err)
             best = tl.where(better, code, best)
@@ -268,26 +362,34 @@ def quant_kernel(
     # Encode with the chosen scale: r = |x| * (G / v), sign from x (-0.0 -> code 8).
     v = _fp8_value(best)
     inv = tl.div_rn(tl.full([BM], 0.0, tl.float32) + g, v)
-    r = a * inv[:, None]
-    q = _round_e2m1_mag(tl.minimum(r, 6.0), False)
-    neg = (x.to(tl.int32, bitcast=True) >> 31) != 0
+    wd0, q0 = _encode_part(x0, a0, inv, 0)
+    wd1, q1 = _encode_part(x1, a1, inv, 1)
+    wd2, q2 = _encode_part(x2, a2, inv, 2)
+    wd3, q3 = _encode_part(x3, a3, inv, 3)
     if FAKE:
         s = tl.div_rn(v, tl.full([BM], 0.0, tl.float32) + g)
-        xq = s[:, None] * tl.where(neg, -q, q)
-        if ROW_CONTIG:
-            o_offs = offs
-        else:
-            o_offs = blk[:, None] * 16 + i[None, :]
-        tl.store(out_ptr + o_offs, _cast_out(xq, out_ptr.dtype.element_ty), mask=bmask[:, None])
+        j = tl.arange(0, 4)
+        o = out_ptr + blk[:, None] * 16 + j[None, :]
+        dt: tl.constexpr = out_ptr.dtype.element_ty
+        tl.store(o, _cast_out(s[:, None] * q0, dt), mask=bmask[:, None])
+        tl.store(o + 4, _cast_out(s[:, None] * q1, dt), mask=bmask[:, None])
+        tl.store(o + 8, _cast_out(s[:, None] * q2, dt), mask=bmask[:, None])
+        tl.store(o + 12, _cast_out(s[:, None] * q3, dt), mask=bmask[:, None])
     else:
-        # magnitude index: q*2 below 2, q+2 below 4, q/2+4 for 4 and 6
-        idx = tl.where(q < 2.0, q * 2.0, tl.where(q < 4.0, q + 2.0, q * 0.5 + 4.0))
-        codes = idx.to(tl.int32) | (neg.to(tl.int32) << 3)
-        pair = tl.split(tl.reshape(codes, [BM, 8, 2]))
-        packed = (pair[0] | (pair[1] << 4)).to(tl.uint8)
-        j = tl.arange(0, 8)
-        tl.store(out_ptr + blk[:, None] * 8 + j[None, :], packed, mask=bmask[:, None])
+        word = (wd0 | wd1) | (wd2 | wd3)  # 16 nibbles: byte k = c[2k] | c[2k+1] << 4
+        tl.store(out_ptr.to(tl.pointer_type(tl.uint64)) + blk, word, mask=bmask)
         tl.store(scale_ptr + blk, best.to(tl.uint8), mask=bmask)
+
+
+@triton.jit
+def table_kernel(g_ptr, tab_ptr):
+    """tab[c] = G / v(c) (IEEE division), tab[128 + c] = v(c)^2 for codes 0..127: the
+    quantize kernel's per-candidate constants, computed once per launch."""
+    c = tl.arange(0, 128)
+    v = _fp8_value(c)
+    g = tl.load(g_ptr)
+    tl.store(tab_ptr + c, tl.div_rn(tl.full([128], 0.0, tl.float32) + g, v))
+    tl.store(tab_ptr + 128 + c, v * v)
 
 
 @triton.jit
