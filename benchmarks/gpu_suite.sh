@@ -52,6 +52,10 @@ step bench_quant 180 python benchmarks/bench_quant.py --check --out "$OUT"
 
 step ptx_report 60 python benchmarks/ptx_report.py --out "$OUT/ptx_report.json"
 
+# The offline quantizer's weight path (shared global scales + Triton sweep + AbsMax
+# comparison) on random Llama-3.2-1B-shaped layers: seconds per billion parameters.
+step bench_quantizer 60 python benchmarks/bench_quantizer.py --out "$OUT"
+
 # (append further steps here)
 # ----------------------------------------------------------------- END STEPS
 
