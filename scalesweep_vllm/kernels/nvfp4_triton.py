@@ -220,18 +220,27 @@ def _clip_part(a, w, g, e_ref):
 
 
 @triton.jit
-def _encode_part(x, a, inv, p: tl.constexpr):
-    """E2M1 codes of x * (G / v) for one quarter, as the 16-bit little-endian nibbles
-    c0 | c1 << 4 | c2 << 8 | c3 << 12 shifted to the quarter's place in the block's
-    64-bit word; and the signed E2M1 values."""
-    q = _round_e2m1_mag(tl.minimum(a * inv[:, None], 6.0), False)
-    neg = (x.to(tl.int32, bitcast=True) >> 31) != 0
-    # magnitude index: q*2 below 2, q+2 below 4, q/2+4 for 4 and 6
-    idx = tl.where(q < 2.0, q * 2.0, tl.where(q < 4.0, q + 2.0, q * 0.5 + 4.0))
-    codes = (idx.to(tl.int32) | (neg.to(tl.int32) << 3)).to(tl.uint64)
-    j = tl.arange(0, 4)
-    word = tl.reduce(codes << (4 * j + 16 * p)[None, :].to(tl.uint64), 1, _add_combine)
-    return word, tl.where(neg, -q, q)
+def _encode_part(x, a, inv, FAKE: tl.constexpr):
+    """Quantize one quarter [BM, 4] with r = |x| * (G / v), sign from x (-0.0 -> code 8).
+
+    FAKE: the signed E2M1 values. Else the 4 codes as 16 bits, c0 | c1 << 4 | ... .
+    No compares and no float->int conversion: with r' = min(r, 6) and
+    C = 2^(22 + e') (e' = 0, 1, 2 for step 0.5, 1, 2), t = r' + C = C + k * step
+    exactly, so t's bits minus C's bits are k, and the magnitude index is k + 2 e'.
+    """
+    rs = tl.minimum(a * inv[:, None], 6.0)
+    cb = (tl.maximum(rs, 1.0).to(tl.uint32, bitcast=True) & 0x7F800000) + 0x0B000000
+    c = cb.to(tl.float32, bitcast=True)
+    t = rs + c
+    sign = x.to(tl.uint32, bitcast=True) >> 31
+    if FAKE:
+        q = t - c
+        return tl.where(sign != 0, -q, q)
+    else:
+        idx = t.to(tl.uint32, bitcast=True) - cb + ((cb >> 22) - 298)
+        codes = idx | (sign << 3)
+        j = tl.arange(0, 4).to(tl.uint32)
+        return tl.reduce(codes << (4 * j)[None, :], 1, _add_combine)
 
 
 @triton.jit
@@ -362,21 +371,24 @@ def quant_kernel(
     # Encode with the chosen scale: r = |x| * (G / v), sign from x (-0.0 -> code 8).
     v = _fp8_value(best)
     inv = tl.div_rn(tl.full([BM], 0.0, tl.float32) + g, v)
-    wd0, q0 = _encode_part(x0, a0, inv, 0)
-    wd1, q1 = _encode_part(x1, a1, inv, 1)
-    wd2, q2 = _encode_part(x2, a2, inv, 2)
-    wd3, q3 = _encode_part(x3, a3, inv, 3)
+    e0 = _encode_part(x0, a0, inv, FAKE)
+    e1 = _encode_part(x1, a1, inv, FAKE)
+    e2 = _encode_part(x2, a2, inv, FAKE)
+    e3 = _encode_part(x3, a3, inv, FAKE)
     if FAKE:
         s = tl.div_rn(v, tl.full([BM], 0.0, tl.float32) + g)
         j = tl.arange(0, 4)
         o = out_ptr + blk[:, None] * 16 + j[None, :]
         dt: tl.constexpr = out_ptr.dtype.element_ty
-        tl.store(o, _cast_out(s[:, None] * q0, dt), mask=bmask[:, None])
-        tl.store(o + 4, _cast_out(s[:, None] * q1, dt), mask=bmask[:, None])
-        tl.store(o + 8, _cast_out(s[:, None] * q2, dt), mask=bmask[:, None])
-        tl.store(o + 12, _cast_out(s[:, None] * q3, dt), mask=bmask[:, None])
+        tl.store(o, _cast_out(s[:, None] * e0, dt), mask=bmask[:, None])
+        tl.store(o + 4, _cast_out(s[:, None] * e1, dt), mask=bmask[:, None])
+        tl.store(o + 8, _cast_out(s[:, None] * e2, dt), mask=bmask[:, None])
+        tl.store(o + 12, _cast_out(s[:, None] * e3, dt), mask=bmask[:, None])
     else:
-        word = (wd0 | wd1) | (wd2 | wd3)  # 16 nibbles: byte k = c[2k] | c[2k+1] << 4
+        # 16 nibbles, little-endian: byte k = c[2k] | c[2k+1] << 4
+        lo = (e0 | (e1 << 16)).to(tl.uint64)
+        hi = (e2 | (e3 << 16)).to(tl.uint64)
+        word = lo | (hi << 32)
         tl.store(out_ptr.to(tl.pointer_type(tl.uint64)) + blk, word, mask=bmask)
         tl.store(scale_ptr + blk, best.to(tl.uint8), mask=bmask)
 
