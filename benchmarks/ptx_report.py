@@ -111,6 +111,38 @@ def ptx_loop_ops(ptx: str) -> collections.Counter:
     return ops
 
 
+def _sass_lines(cubin: bytes) -> list[str] | None:
+    import triton
+
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    nvdisasm = os.path.join(bindir, "nvdisasm")
+    if not os.path.exists(nvdisasm):
+        nvdisasm = shutil.which("nvdisasm")
+    if not nvdisasm:
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        res = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True)
+    return None if res.returncode else res.stdout.splitlines()
+
+
+def sass_main_count(cubin: bytes) -> int | None:
+    """Static SASS instructions of the kernel body, without the IEEE-division slow-path
+    subroutine (taken only for operands near the fp32 range's ends) and NOPs."""
+    lines = _sass_lines(cubin)
+    if lines is None:
+        return None
+    n = 0
+    for ln in lines:
+        if "slowpath:" in ln:
+            break
+        m = re.match(r"^\s*/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_]+)", ln)
+        if m and m.group(2) != "NOP":
+            n += 1
+    return n
+
+
 def sass_loop_ops(cubin: bytes) -> collections.Counter | None:
     import triton
 
@@ -173,6 +205,10 @@ def report(
         ),
         "cubin_bytes": len(ck.asm.get("cubin", b"")),
     }
+    main = sass_main_count(ck.asm["cubin"]) if "cubin" in ck.asm else None
+    if main is not None:
+        out["sass_kernel_instructions"] = main
+        out["sass_kernel_per_element_static"] = round(main / elems, 2)
     if s_ops is not None:
         out["sass_loop_instructions"] = sum(s_ops.values())
         out["sass_per_element_candidate"] = round(sum(s_ops.values()) / elems, 2)
@@ -183,7 +219,7 @@ def report(
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", type=int, nargs="*", default=[90, 100])
-    ap.add_argument("--method", nargs="*", default=["mse", "wmse"], choices=list(METHODS))
+    ap.add_argument("--method", nargs="*", default=["absmax", "mse", "wmse"], choices=list(METHODS))
     ap.add_argument("--bm", type=int, default=128)
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -200,14 +236,21 @@ def main(argv=None) -> int:
         print(json.dumps(rows, indent=1))
     else:
         print(f"triton {triton.__version__}; BM={args.bm} blocks/program, num_warps={args.warps}")
-        print("arch    method hw_e2m1  PTX/elem/cand  SASS/elem/cand  loop shared-mem ops")
+        print(
+            "arch    method hw_e2m1  PTX/elem/cand  SASS/elem/cand  loop shared-mem ops  "
+            "kernel SASS/elem (static, loop once)"
+        )
         for r in rows:
-            sass = r.get("sass_per_element_candidate", "n/a")
+            sass = r.get("sass_per_element_candidate", "n/a") if r["method"] != "absmax" else "-"
+            ptx = r["ptx_per_element_candidate"] if r["method"] != "absmax" else "-"
             print(
                 f"{r['arch']:7} {r['method']:6} {str(r['hw_e2m1']):7}  "
-                f"{r['ptx_per_element_candidate']:>13}  {sass:>14}  {r['shared_memory_in_loop']}"
+                f"{ptx:>13}  {sass:>14}  {r['shared_memory_in_loop']:>19}  "
+                f"{r.get('sass_kernel_per_element_static', 'n/a')}"
             )
         for r in rows:
+            if r["method"] == "absmax":
+                continue
             ops = r.get("sass_loop_ops") or r["ptx_loop_ops"]
             kind = "SASS" if "sass_loop_ops" in r else "PTX"
             top = ", ".join(f"{k} {v}" for k, v in list(ops.items())[:14])
