@@ -41,14 +41,14 @@ step() {
 }
 
 # ------------------------------------------------------------------- STEPS
-step environment 60 bash -c '(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true); python -c "import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name(0))"'
+step environment 30 bash -c '(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true); python -c "import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name(0))"'
 
 # GPU tests: only the files named here are collected, so no module that imports vLLM
 # is ever imported (add your GPU test files to this list).
 GPU_TESTS="tests/test_kernels_gpu.py"
-step gpu_tests 240 python -m pytest -q -m gpu -p no:cacheprovider $GPU_TESTS
+step gpu_tests 210 python -m pytest -q -m gpu -p no:cacheprovider $GPU_TESTS
 
-step bench_quant 180 python benchmarks/bench_quant.py --check --out "$OUT"
+step bench_quant 150 python benchmarks/bench_quant.py --check --out "$OUT"
 
 step ptx_report 60 python benchmarks/ptx_report.py --out "$OUT/ptx_report.json"
 
