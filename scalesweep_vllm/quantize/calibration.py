@@ -229,6 +229,14 @@ def calibrate_layers(
     back to the host in its original dtype when the caller asks for the next one.
     """
     config = getattr(model, "config", None)
+    kinds = set(getattr(config, "layer_types", None) or [])
+    if len(kinds) > 1:
+        # layer 0's captured mask would be reused for layers of another kind (sliding
+        # window vs full): the statistics would be wrong, so refuse instead
+        raise NotImplementedError(
+            f"models mixing attention layer types {sorted(kinds)} (config.layer_types) are "
+            "not supported by the layer-by-layer calibration yet"
+        )
     with torch.no_grad():
         inputs = _first_layer_inputs(model, plan, tokens, batch_size, device, compute_dtype)
         names = {id(t.module): t.name for row in plan.targets for t in row}
