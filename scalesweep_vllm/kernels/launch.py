@@ -17,12 +17,11 @@ torch reference only: the kernels never synchronize with the host. NaN/Inf input
 gives unspecified codes here.
 """
 
-from __future__ import annotations
-
 import importlib
 import importlib.util
 import os
 import pathlib
+from typing import Optional
 
 import torch
 
@@ -291,9 +290,14 @@ def fp8_codes(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 # ---------------------------------------------------------------------------
 
 
+# Optional[...] rather than "X | None": torch.library's schema inference matches
+# typing.Optional on every torch version the package supports.
 @torch.library.custom_op("scalesweep::nvfp4_quantize", mutates_args=())
 def nvfp4_quantize(
-    x: torch.Tensor, global_scale: torch.Tensor, method: str, weight: torch.Tensor | None
+    x: torch.Tensor,
+    global_scale: torch.Tensor,
+    method: str,
+    weight: Optional[torch.Tensor],  # noqa: UP045
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_impl(x, global_scale, method, weight)
 
@@ -310,7 +314,10 @@ def _(x, global_scale, method, weight):
 
 @torch.library.custom_op("scalesweep::nvfp4_fake_quantize", mutates_args=())
 def nvfp4_fake_quantize(
-    x: torch.Tensor, global_scale: torch.Tensor, method: str, weight: torch.Tensor | None
+    x: torch.Tensor,
+    global_scale: torch.Tensor,
+    method: str,
+    weight: Optional[torch.Tensor],  # noqa: UP045
 ) -> torch.Tensor:
     return fake_quantize_impl(x, global_scale, method, weight)
 

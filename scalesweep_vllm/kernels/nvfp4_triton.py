@@ -19,13 +19,14 @@ so that no ``a * b + c`` is contracted into an FMA (torch rounds each op).
 * Blackwell (``HW_E2M1``, sm_100+): ``cvt.rn.satfinite.e2m1x2.f32`` rounds two values
   at once (RNE, saturating at 6) and ``cvt.rn.f16x2.e2m1x2`` brings them back.
 
-Tile: ``BM`` consecutive 16-element blocks (flattened over rows and K/16), one
-``[BM, 16]`` register tile; the candidate loop runs over each block's own window
-``[lo, hi]`` (the reference's ``_bounds_blocks``), for ``max(hi - lo) + 1`` steps
-per tile, masking blocks whose window is shorter.
+Tile: ``BM`` consecutive 16-element blocks (flattened over rows and K/16), each block
+held by one thread as four ``[BM, 4]`` quarters (a single ``[BM, 16]`` load would be
+split over two threads by the 16-byte vector width, costing a shuffle and doubling the
+per-block work in the loop). The candidate loop runs over each block's own window
+``[lo, hi]`` (the reference's ``_bounds_blocks``) for ``max(hi - lo) + 1`` trips per
+tile, masking blocks whose window is shorter. With ``USE_TABLE`` the per-candidate
+constants ``G / v`` and ``v^2`` come from a 256-entry table (``table_kernel``).
 """
-
-from __future__ import annotations
 
 import triton
 import triton.language as tl
