@@ -249,6 +249,9 @@ def write_checkpoint(
             if (source_dir / fname).is_file():
                 shutil.copy2(source_dir / fname, out / fname)
                 copied.add(fname)
+        if getattr(cfg, "auto_map", None):  # remote-code model: its modeling files too
+            for py in source_dir.glob("*.py"):
+                shutil.copy2(py, out / py.name)
     gen = getattr(model, "generation_config", None)
     if "generation_config.json" not in copied and gen is not None:
         with contextlib.suppress(Exception):
