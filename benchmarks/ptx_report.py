@@ -55,6 +55,7 @@ def compile_quant(
         "scale_ptr": "*u8",
         "n_blocks": "i32",
         "n_kblocks": "i32",
+        "n_wblocks": "i32",
         "stride_m": "i32",
         "stride_k": "i32",
         "METHOD": "constexpr",

@@ -211,6 +211,21 @@ def test_wmse_zero_weights_exact():
     check_exact(x, g, "wmse", w, fake=False)  # windows of ~120 codes: slow in the interpreter
     check_exact(x[:2], g, "wmse", torch.zeros(32), fake=False)
     check_exact(x, g, "wmse", torch.ones(1, 32))  # [1, K] is a per-column vector too
+
+
+def test_wmse_weight_shapes_exact():
+    """Per-head weights [H, D] for x [T, H, D] (Q/K/V), [H, 1], full and scalar weights."""
+    gen = torch.Generator().manual_seed(17)
+    x = torch.randn(3, 4, 32, generator=gen).to(torch.bfloat16)
+    g = nvfp4.global_scale(x.float().abs().max())
+    for w in (
+        torch.rand(4, 32, generator=gen),
+        torch.rand(1, 4, 32, generator=gen),
+        torch.rand(4, 1, generator=gen),
+        torch.rand(3, 4, 32, generator=gen),
+        torch.tensor(2.0),
+    ):
+        check_exact(x, g, "wmse", w, fake=w.dim() == 2)
     # exact-representable block (E_ref = 0) with zero weights
     xe = torch.tensor([[0.5, 1.0, -6.0, 3.0] * 4 + [0.0] * 16])
     check_exact(xe, torch.tensor([1.0]), "wmse", torch.tensor([0.0, 1.0] * 16))
@@ -311,10 +326,12 @@ def test_bad_inputs():
         dispatch.quantize(torch.ones(2, 32, dtype=torch.int32), 1.0, backend="triton")
     with pytest.raises(ValueError, match="needs a weight"):
         dispatch.quantize(x, 1.0, "wmse", backend="triton")
-    with pytest.raises(ValueError, match="per-column weight"):
-        dispatch.quantize(x, 1.0, "wmse", torch.ones(2, 32), backend="triton")
-    with pytest.raises(ValueError, match="per-column weight"):
+    with pytest.raises(ValueError, match="does not broadcast"):
         dispatch.quantize(x, 1.0, "wmse", torch.ones(16), backend="triton")
+    with pytest.raises(ValueError, match="does not broadcast"):
+        dispatch.quantize(x, 1.0, "wmse", torch.ones(3, 32), backend="triton")
+    with pytest.raises(ValueError, match="does not broadcast"):
+        dispatch.quantize(x, 1.0, "wmse", torch.ones(2, 2, 32), backend="triton")
     with pytest.raises(ValueError, match="takes no weight"):
         dispatch.quantize(x, 1.0, "mse", torch.ones(32), backend="triton")
     with pytest.raises(ValueError, match="one number"):

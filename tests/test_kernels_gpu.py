@@ -89,6 +89,20 @@ def test_dtypes_shapes_exact(method, dtype):
         assert torch.equal(packed, packed_ref), (m, k)
 
 
+def test_per_head_weight_exact():
+    """Q/K/V-style input [T, H, D] with a per-head WMSE weight [H, D]."""
+    x = _data(4096, 1024, torch.bfloat16, 13).reshape(4096, 8, 128)
+    g = nvfp4.global_scale(x.float().abs().max())
+    w = torch.rand(8, 128, device="cuda")
+    w[3, ::5] = 0.0
+    packed, scales = dispatch.quantize(x, g, "wmse", w)
+    packed_ref, scales_ref = _ref(x, g, "wmse", w)
+    assert torch.equal(scales.view(torch.uint8), scales_ref.view(torch.uint8))
+    assert torch.equal(packed, packed_ref)
+    y = dispatch.fake_quantize(x, g, "wmse", w)
+    assert torch.equal(_bits(y), _bits(sweep.quantize_dequantize(x, g, scales_ref).to(x.dtype)))
+
+
 def test_strided_exact():
     big = _data(512, 1536, torch.bfloat16, 3)
     g = nvfp4.global_scale(big.float().abs().max())

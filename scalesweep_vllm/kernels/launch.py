@@ -120,18 +120,34 @@ def _global_scale(global_scale, device) -> torch.Tensor:
     return g.reshape(1).contiguous()
 
 
-def _weight_vector(weight: torch.Tensor | None, k: int, device) -> torch.Tensor:
-    """The per-column WMSE weight as a contiguous fp32 [K] vector."""
+def _weight_rows(weight, x_shape, device) -> torch.Tensor:
+    """The WMSE weight as the contiguous fp32 tensor of shape ``x.shape[-n:]`` it
+    broadcasts to (n = its number of dims, leading 1s dropped): a per-column vector
+    [K], per-head [H, D] for x [T, H, D], or a full weight. The kernel reads row
+    ``r % P`` of it as a [P, K] matrix for the flattened row r of x."""
     if weight is None:
         raise ValueError("method 'wmse' needs a weight (per-column importance, >= 0)")
-    w = torch.as_tensor(weight)
-    if w.dim() == 0 or w.shape[-1] != k or w.numel() != k:
+    w = torch.as_tensor(weight).detach()
+    while w.dim() > 1 and w.shape[0] == 1:
+        w = w[0]
+    if w.dim() == 0:
+        w = w.reshape(1)
+    n = w.dim()
+    suffix = tuple(x_shape[-n:])
+    ok = n <= len(x_shape)
+    if ok:
+        try:
+            ok = tuple(torch.broadcast_shapes(tuple(w.shape), suffix)) == suffix
+        except RuntimeError:
+            ok = False
+    if not ok:
         raise ValueError(
-            f"the Triton WMSE kernel takes a per-column weight of length K={k} "
-            f"(shape [K], [1, K], ...), got shape {tuple(w.shape)}; use backend='torch' "
-            "for other broadcastable weights"
+            f"weight of shape {tuple(torch.as_tensor(weight).shape)} does not broadcast to "
+            f"x of shape {tuple(x_shape)} along its trailing dims (the Triton WMSE kernel "
+            "takes a per-column [K] weight, a per-head [H, K] one, or any weight that "
+            "broadcasts to x's trailing dims)"
         )
-    return w.detach().reshape(k).to(device=device, dtype=torch.float32).contiguous()
+    return w.to(device=device, dtype=torch.float32).expand(suffix).contiguous()
 
 
 def _rows(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -151,7 +167,8 @@ def _launch_quant(x, global_scale, method, weight, fake, config, out=None, scale
     k = x.shape[-1]
     mod = _kernels(x.device)
     g = _global_scale(global_scale, x.device)
-    w = _weight_vector(weight, k, x.device) if method == "wmse" else g
+    w = _weight_rows(weight, x.shape, x.device) if method == "wmse" else g
+    n_wblocks = w.numel() // BLOCK_SIZE if method == "wmse" else 1  # w is [P, K]
     x2, contig = _rows(x.detach())
     m = x2.shape[0]
     n_blocks = m * (k // BLOCK_SIZE)
@@ -182,6 +199,7 @@ def _launch_quant(x, global_scale, method, weight, fake, config, out=None, scale
             scales,
             n_blocks,
             k // BLOCK_SIZE,
+            n_wblocks,
             x2.stride(0),
             x2.stride(1),
             METHOD=METHOD_IDS[method],
@@ -344,7 +362,7 @@ def quantize(x, global_scale, method="mse", weight=None):
     _check_x(x)
     g = _global_scale(global_scale, x.device)
     if method == "wmse":
-        weight = _weight_vector(weight, x.shape[-1], x.device)
+        weight = _weight_rows(weight, x.shape, x.device)
     return nvfp4_quantize(x, g, method, weight)
 
 
@@ -352,7 +370,7 @@ def fake_quantize(x, global_scale, method="mse", weight=None):
     _check_x(x)
     g = _global_scale(global_scale, x.device)
     if method == "wmse":
-        weight = _weight_vector(weight, x.shape[-1], x.device)
+        weight = _weight_rows(weight, x.shape, x.device)
     return nvfp4_fake_quantize(x, g, method, weight)
 
 

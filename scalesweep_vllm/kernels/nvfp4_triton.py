@@ -264,13 +264,14 @@ def _cast_out(y, dtype: tl.constexpr):
 @triton.jit
 def quant_kernel(
     x_ptr,  # [M, K] bf16/fp16/fp32, strides (stride_m, stride_k)
-    w_ptr,  # [K] fp32 weights (WMSE only)
+    w_ptr,  # [P, K] fp32 weights (WMSE only), contiguous
     g_ptr,  # [1] fp32 global (encode) scale
     tab_ptr,  # [256] fp32: G / v(c) for codes 0..127, then v(c)^2 (USE_TABLE only)
     out_ptr,  # FAKE: [M, K] contiguous, x's dtype; else packed uint8 [M, K/2], 8-B aligned
     scale_ptr,  # uint8 [M, K/16]: FP8 E4M3 codes (unused when FAKE)
     n_blocks,  # M * K / 16
     n_kblocks,  # K / 16
+    n_wblocks,  # WMSE: the weight is [P, K], read at row (row of x) % P; P * K / 16
     stride_m,
     stride_k,
     METHOD: tl.constexpr,
@@ -307,7 +308,7 @@ def quant_kernel(
     g = tl.load(g_ptr)
     HAS_W: tl.constexpr = METHOD == WMSE
     if HAS_W:
-        wbase = (blk % n_kblocks) * 16
+        wbase = (blk % n_wblocks) * 16  # ((row % P) * K / 16 + block in row) * 16
         w0 = _load_w(w_ptr, wbase, 0, bmask)
         w1 = _load_w(w_ptr, wbase, 1, bmask)
         w2 = _load_w(w_ptr, wbase, 2, bmask)
