@@ -19,6 +19,8 @@ OUT="${OUT:-benchmarks/out}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+# the lent machines' Python with torch is `python3` (there may be no `python`)
+PY="${PYTHON:-python3}"
 unset TRITON_INTERPRET
 LOG="$OUT/gpu_suite.log"
 SUMMARY="$OUT/summary.txt"
@@ -41,20 +43,20 @@ step() {
 }
 
 # ------------------------------------------------------------------- STEPS
-step environment 30 bash -c '(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true); python -c "import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name(0))"'
+step environment 30 bash -c '(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true); "$0" -c "import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name(0))"' "$PY"
 
 # GPU tests: only the files named here are collected, so no module that imports vLLM
 # is ever imported (add your GPU test files to this list).
 GPU_TESTS="tests/test_kernels_gpu.py"
-step gpu_tests 210 python -m pytest -q -m gpu -p no:cacheprovider $GPU_TESTS
+step gpu_tests 210 "$PY" -m pytest -q -m gpu -p no:cacheprovider $GPU_TESTS
 
-step bench_quant 150 python benchmarks/bench_quant.py --check --out "$OUT"
+step bench_quant 150 "$PY" benchmarks/bench_quant.py --check --out "$OUT"
 
-step ptx_report 60 python benchmarks/ptx_report.py --out "$OUT/ptx_report.json"
+step ptx_report 60 "$PY" benchmarks/ptx_report.py --out "$OUT/ptx_report.json"
 
 # The offline quantizer's weight path (shared global scales + Triton sweep + AbsMax
 # comparison) on random Llama-3.2-1B-shaped layers: seconds per billion parameters.
-step bench_quantizer 60 python benchmarks/bench_quantizer.py --out "$OUT"
+step bench_quantizer 60 "$PY" benchmarks/bench_quantizer.py --out "$OUT"
 
 # (append further steps here)
 # ----------------------------------------------------------------- END STEPS
