@@ -9,13 +9,13 @@ so that no ``a * b + c`` is contracted into an FMA (torch rounds each op).
   as :func:`scalesweep_vllm.nvfp4.fp8_rne_code` / ``fp8_ceil_code``: no conversion
   to ``tl.float8e4nv`` anywhere (one was seen to be wrong on an H100 with Triton
   3.6 in 2-D layouts). Scales are stored as their uint8 codes.
-* E2M1 rounding (Hopper and older, the tested path): for ``r' = min(r, 6)`` the
-  grid step is 0.5 on [0, 2), 1 on [2, 4), 2 on [4, 6]; adding and subtracting
-  ``C = 2^(22 + max(e, 0))`` (e = exponent of r') rounds r' to a multiple of
-  ``ulp(C) = step`` with ties to even, exactly like ``torch.round(r / step) * step``.
-  C comes from r's bits: ``(bits(max(r', 1)) & 0x7F800000) + (22 << 23)``.
-  Per element and candidate: FMUL, 2 FMNMX, LOP3, IADD, 3 FADD (round, d), FMUL (d^2),
-  [FMUL w], ~1 FADD (tree sum).
+* E2M1 rounding (Hopper and older, the tested path): the grid step is 0.5 on [0, 2),
+  1 on [2, 4), 2 on [4, 6]; adding and subtracting ``C = 2^(22 + max(e, 0))``
+  (e = exponent of r) rounds r to a multiple of ``ulp(C) = step`` with ties to even,
+  exactly like ``torch.round(r / step) * step``; then ``min(., 6)`` saturates. C comes
+  from r's bits: ``max((bits(r) & 0x7F800000) + (22 << 23), bits(2^22))``.
+  Per element and candidate: FMUL (r), LOP3 + VIADDMNMX (C), 2 FADD, FMNMX (q),
+  FADD (d), FMUL (d^2), [FMUL w], ~1 FADD (tree sum).
 * Blackwell (``HW_E2M1``, sm_100+): ``cvt.rn.satfinite.e2m1x2.f32`` rounds two values
   at once (RNE, saturating at 6) and ``cvt.rn.f16x2.e2m1x2`` brings them back.
 
@@ -124,10 +124,13 @@ def _round_e2m1_mag(r, HW_E2M1: tl.constexpr):
             pack=2,
         )
     else:
-        rs = tl.minimum(r, 6.0)  # saturate first: r' in [0, 6]
-        e = tl.maximum(rs, 1.0).to(tl.uint32, bitcast=True) & 0x7F800000
-        c = (e + 0x0B000000).to(tl.float32, bitcast=True)  # 2^(22 + max(exp, 0))
-        q = (rs + c) - c
+        # C = 2^(22 + max(exp(r), 0)) from r's exponent bits, as a signed max so that
+        # ptxas can fuse the add and the max (VIADDMNMX). For r >= 2^105 the sum wraps
+        # negative and C = 2^22; then (r + C) - C = r and the min gives 6, as for every
+        # r >= 6: the saturation is the final min, exact for all r >= 0 (inf included).
+        e = (r.to(tl.int32, bitcast=True) & 0x7F800000) + 0x0B000000
+        c = tl.maximum(e, 0x4A800000).to(tl.float32, bitcast=True)
+        q = tl.minimum((r + c) - c, 6.0)
     return q
 
 
