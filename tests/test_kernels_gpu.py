@@ -182,3 +182,36 @@ def test_custom_op_opcheck():
     g = nvfp4.global_scale(x.float().abs().max()).cuda()
     torch.library.opcheck(torch.ops.scalesweep.nvfp4_quantize.default, (x, g, "mse", None))
     torch.library.opcheck(torch.ops.scalesweep.nvfp4_fake_quantize.default, (x, g, "absmax", None))
+
+
+def test_auto_backend_runs_triton(monkeypatch):
+    calls = []
+    real = launch.quantize_impl
+    monkeypatch.setattr(launch, "quantize_impl", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = _data(8, 64, torch.bfloat16, 15)
+    dispatch.quantize(x, nvfp4.global_scale(4.0).cuda(), "mse")
+    assert calls, "backend='auto' on a CUDA tensor did not launch the Triton kernel"
+
+
+def test_cuda_graph_capture_and_replay():
+    """The forward path (fake-quant with a device global scale and weight) can be captured
+    in a CUDA graph, as vLLM does, and replays to the eager result."""
+    x = _data(256, 512, torch.bfloat16, 17)
+    g = nvfp4.global_scale(x.float().abs().max()).cuda()
+    w = torch.rand(512, device="cuda")
+    eager = dispatch.fake_quantize(x, g, "wmse", w)
+    static_x = x.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm up (compiles) outside the capture
+        dispatch.fake_quantize(static_x, g, "wmse", w)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = dispatch.fake_quantize(static_x, g, "wmse", w)
+    static_x.copy_(_data(256, 512, torch.bfloat16, 18))
+    graph.replay()
+    torch.cuda.synchronize()
+    expect = dispatch.fake_quantize(static_x, g, "wmse", w)
+    assert torch.equal(_bits(out), _bits(expect))
+    assert not torch.equal(_bits(out), _bits(eager))
