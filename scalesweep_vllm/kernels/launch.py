@@ -1,7 +1,7 @@
 """Launchers for the Triton NVFP4 kernels (:mod:`.nvfp4_triton`): check, allocate, launch.
 
-Imports without Triton and without a GPU; a launch raises "needs triton" when
-Triton is missing. CUDA tensors run the compiled kernels; CPU tensors run them in
+Imports without Triton and without a GPU; a launch raises RuntimeError ("... need
+triton") when Triton is missing. CUDA tensors run the compiled kernels; CPU tensors run them in
 Triton's interpreter, which must be asked for with ``TRITON_INTERPRET=1`` (the CPU
 tests do). The interpreter needs kernels created while that variable is set, so
 CPU launches use a private copy of the kernel module loaded in interpreter mode;
@@ -28,12 +28,16 @@ import torch
 from ..nvfp4 import BLOCK_SIZE
 
 __all__ = [
+    "DEFAULT_CONFIG",
     "METHOD_IDS",
     "dequantize",
+    "dequantize_impl",
     "fake_quantize",
+    "fake_quantize_impl",
     "fp8_codes",
     "have_triton",
     "quantize",
+    "quantize_impl",
     "use_hw_e2m1",
 ]
 
