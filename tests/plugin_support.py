@@ -109,9 +109,10 @@ def _fused_key(name: str) -> str:
     return f"{head}.{FUSED[last]}" if last in FUSED else name
 
 
-def reference_model(ckpt: Path, activations=True, kv_cache=True, query=True):
-    """A bf16 transformers Llama computing what the checkpoint asks for; parts may be
-    switched off (a part the checkpoint does not enable is off anyway)."""
+def reference_model(ckpt: Path, activations=True, kv_cache=True, query=True, dtype=torch.bfloat16):
+    """A transformers Llama computing what the checkpoint asks for, in ``dtype`` (the
+    weights decoded straight to it, as the plugin does); parts may be switched off
+    (a part the checkpoint does not enable is off anyway)."""
     from safetensors.torch import load_file
     from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -119,7 +120,7 @@ def reference_model(ckpt: Path, activations=True, kv_cache=True, query=True):
     config = AutoConfig.from_pretrained(ckpt)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     meta_path = ckpt / "scalesweep.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     vectors = {}
@@ -134,12 +135,12 @@ def reference_model(ckpt: Path, activations=True, kv_cache=True, query=True):
         if name.endswith(".weight_packed"):
             p = name[: -len(".weight_packed")]
             state[p + ".weight"] = kernels.dequantize(
-                t, sd[p + ".weight_scale"], sd[p + ".weight_global_scale"], torch.bfloat16
+                t, sd[p + ".weight_scale"], sd[p + ".weight_global_scale"], dtype
             )
             if p + ".input_global_scale" in sd:
                 act[p] = sd[p + ".input_global_scale"]
         elif not name.endswith(("_scale", "_global_scale")):
-            state[name] = t
+            state[name] = t.to(dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     model.tie_weights()
