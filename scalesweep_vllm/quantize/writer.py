@@ -80,6 +80,7 @@ def staging_dir(output: str | Path, overwrite: bool = False) -> Iterator[Path]:
     try:
         tmp.chmod(0o755)  # mkdtemp makes it 0700
         yield tmp
+        _readable(tmp)
         old = None
         if out.exists():
             check_output(out, overwrite)
@@ -91,6 +92,16 @@ def staging_dir(output: str | Path, overwrite: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _readable(directory: Path) -> None:
+    """Files as the umask allows (safetensors writes 0600, which breaks serving the
+    checkpoint as another user, e.g. from a container)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in directory.iterdir():
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
 
 
 def build_quantization_config(scheme: Scheme, ignore: list[str]) -> dict:
