@@ -203,8 +203,8 @@ def _candidate_err(
 @triton.jit
 def _load_part(ptr, base, p: tl.constexpr, stride_k, bmask):
     j = tl.arange(0, 4)
-    x = tl.load(ptr + base[:, None] + (p * 4 + j[None, :]) * stride_k, mask=bmask[:, None])
-    return x.to(tl.float32)
+    offs = base[:, None] + (p * 4 + j[None, :]) * stride_k
+    return tl.load(ptr + offs, mask=bmask[:, None], other=0.0).to(tl.float32)
 
 
 @triton.jit
