@@ -12,8 +12,11 @@ API (stable; the offline quantizer and the vLLM plugin call only these):
 * ``fake_quantize(x, global_scale, method="mse", weight=None, backend="auto")``
   -> quantize-dequantize, same shape and dtype as x
 
-``method``: "absmax" | "mse" | "wmse" ("wmse" needs ``weight``, a per-column
-vector of length K or anything broadcastable to x, >= 0).
+``method``: "absmax" | "mse" | "wmse" ("wmse" needs ``weight`` >= 0: a per-column
+vector of length K, a per-head [H, K] weight for x [..., H, K], or anything else that
+broadcasts to x's trailing dims; the torch path takes any broadcastable weight).
+The Triton path checks shapes only; NaN/Inf inputs and the global scale's range are
+checked by the torch reference alone (the kernels never synchronize with the host).
 ``backend``: "auto" (Triton on CUDA, torch otherwise) | "torch" | "triton"
 ("triton" on CPU tensors needs ``TRITON_INTERPRET=1``; used by the CPU tests).
 """
