@@ -113,6 +113,10 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     model.generation_config = src.generation_config
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in out.iterdir():  # safetensors writes 0600
+        f.chmod(0o666 & ~umask)
 
 
 @lru_cache(maxsize=1)
