@@ -13,12 +13,14 @@ Backends (chosen once per layer at load, :func:`choose_backend`):
   ``cutlass_scaled_fp4_mm`` with ``alpha = 1 / (G_a * G_w)``.
 * ``dequant`` (everything else: Hopper, Ampere, CPU; and W4A16 everywhere): the
   weight is decoded ONCE at load to the model dtype with
-  :func:`scalesweep_vllm.kernels.dequantize` (compressed-tensors' order,
-  ``(fp8 scale / G_w) * e2m1``: exact, every E2M1 x E4M3 / G product is a bf16
-  number for the global scales the quantizer writes), and each call fake-quantizes
-  the activation with ScaleSweep and runs a plain GEMM (vLLM's CPU GEMM on CPUs).
-  Same numbers as NVFP4 tensor cores up to the GEMM's fp32 summation order; no
-  weight memory is saved.
+  :func:`scalesweep_vllm.kernels.dequantize`, in compressed-tensors' order
+  (``(fp8 scale / G_w) * e2m1`` in fp32, rounded once to the dtype): exactly the
+  weights stock compressed-tensors/transformers use. Each call fake-quantizes the
+  activation with ScaleSweep (the same codes and scales ``kernels.quantize`` gives)
+  and runs a plain GEMM (vLLM's own CPU GEMM on CPUs). E2M1 x E4M3 products are
+  exact in bf16; what differs from FP4 tensor cores is only where 1/G is applied
+  (before the bf16 rounding here, after the fp32 sum there) and the summation
+  order. No weight memory is saved.
 """
 
 from __future__ import annotations
