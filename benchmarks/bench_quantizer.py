@@ -139,7 +139,9 @@ def time_end_to_end(shape, layers: int, device, num_samples: int, seq_len: int) 
         tie_word_embeddings=True,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    with torch.device(device):  # random init is fast there; the pipeline starts on the host
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model = model.to("cpu").eval()
     tokens = torch.randint(0, vocab, (num_samples, seq_len))
     with tempfile.TemporaryDirectory() as tmp:
         rep = quantize_model(
@@ -194,8 +196,19 @@ def main(argv: list[str] | None = None) -> int:
             f"{obj:<10}{r['quantized_params']:>14,}{r['seconds']:>10.3f}"
             f"{r['s_per_billion_params']:>16.3f}{r['median_layer_s']:>13.4f}"
         )
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "bench_quantizer.json")
+    with open(path, "w") as f:  # written now too, so a failing end-to-end run keeps these
+        json.dump(result, f, indent=2)
     if args.end_to_end:
-        r = time_end_to_end(shape, layers, device, args.num_samples, args.seq_len)
+        try:
+            r = time_end_to_end(shape, layers, device, args.num_samples, args.seq_len)
+        except Exception as err:  # noqa: BLE001 - report, keep the weight-path numbers
+            result["end_to_end_error"] = repr(err)
+            with open(path, "w") as f:
+                json.dump(result, f, indent=2)
+            print(f"end to end failed: {err!r}")
+            raise
         result["end_to_end"] = r
         t = r["timing"]
         print(
@@ -204,8 +217,6 @@ def main(argv: list[str] | None = None) -> int:
             f"{t['s_per_billion_params']:.1f} s per billion parameters "
             f"(calibrate+quantize {t['calibrate_quantize_s']:.1f} s, write {t['write_s']:.1f} s)"
         )
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "bench_quantizer.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {path}")

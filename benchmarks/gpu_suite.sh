@@ -54,9 +54,10 @@ step bench_quant 150 "$PY" benchmarks/bench_quant.py --check --out "$OUT"
 
 step ptx_report 60 "$PY" benchmarks/ptx_report.py --out "$OUT/ptx_report.json"
 
-# The offline quantizer's weight path (shared global scales + Triton sweep + AbsMax
-# comparison) on random Llama-3.2-1B-shaped layers: seconds per billion parameters.
-step bench_quantizer 60 "$PY" benchmarks/bench_quantizer.py --out "$OUT"
+# The offline quantizer on random Llama-3.2-1B weights: its weight path (shared global
+# scales + Triton sweep + AbsMax comparison), then quantize_model end to end on the GPU
+# (calibration on 64x256 random tokens, writing to a temp dir): seconds per 1e9 params.
+step bench_quantizer 80 "$PY" benchmarks/bench_quantizer.py --end-to-end --num-samples 64 --seq-len 256 --out "$OUT"
 
 # (append further steps here)
 # ----------------------------------------------------------------- END STEPS

@@ -226,3 +226,32 @@ def test_bad_scheme_and_objective(tiny, tmp_path):
         quantize_model(tiny, tmp_path / "o", objective="gptq")
     with pytest.raises(SystemExit):
         cli.main(["--scheme", "W8A8"])
+
+
+@pytest.mark.parametrize("scheme", ["W4A16", "W4A4", "W4A4KV4Q4"])
+def test_literal_config_equals_compressed_tensors(scheme):
+    """The fallback used where compressed-tensors is missing is what it would build."""
+    from scalesweep_vllm.quantize.scheme import get_scheme
+
+    ign = ["lm_head", "model.layers.0.mlp.down_proj"]
+    sch = get_scheme(scheme)
+    assert writer.literal_quantization_config(sch, ign) == writer.build_quantization_config(
+        sch, ign
+    )
+
+
+def test_quantize_without_compressed_tensors(tmp_path, monkeypatch):
+    """Machines without compressed-tensors (the lent GPUs) still write the same config."""
+    import sys
+
+    src = save_tiny_model("llama", tmp_path / "src")
+    quantize_model(
+        src, tmp_path / "a", calib=calib_tokens(), num_samples=2, seq_len=16, progress=False
+    )
+    monkeypatch.setitem(sys.modules, "compressed_tensors.quantization", None)
+    quantize_model(
+        src, tmp_path / "b", calib=calib_tokens(), num_samples=2, seq_len=16, progress=False
+    )
+    cfg_a = json.loads((tmp_path / "a" / "config.json").read_text())
+    cfg_b = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert cfg_a == cfg_b
