@@ -108,6 +108,11 @@ def test_checkpoint_layout(built, arch):
         assert args["symmetric"] is True and args["scale_dtype"] == "torch.float8_e4m3fn"
     assert grp["weights"]["dynamic"] is False and grp["input_activations"]["dynamic"] == "local"
     assert qc["ignore"][0] == "lm_head"
+    # an index even for one shard: vLLM then loads only the listed files, never the
+    # runtime vectors beside them as weights
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == {k: "model.safetensors" for k in sd}
+    assert (dst / "scalesweep_vectors.safetensors").is_file()
 
     n_quant = 0
     for name, mod in model.named_modules():

@@ -228,17 +228,17 @@ def _save_sharded(tensors: dict[str, torch.Tensor], out: Path) -> list[str]:
         shards[-1][name] = t
         size += nbytes
     meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata=meta)
-        return ["model.safetensors"]
     files, weight_map = [], {}
     for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        n = len(shards)
+        fname = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
         save_file(shard, str(out / fname), metadata=meta)
         files.append(fname)
         weight_map.update({k: fname for k in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    # Written even for one shard: with an index vLLM loads only the files it lists,
+    # so it never takes scalesweep_vectors.safetensors for model weights.
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return files
 
