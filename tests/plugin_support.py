@@ -10,6 +10,7 @@ head_dim with the global scales and vectors of ``scalesweep.json``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -196,3 +197,31 @@ def teacher_forced(model, prompt_ids: list[int], gen_ids: list[int]):
     pos = torch.arange(len(prompt_ids) - 1, len(prompt_ids) + len(gen_ids) - 1)
     tok = torch.tensor(gen_ids)
     return lp[pos, tok], lp[pos].argmax(-1)
+
+
+@contextlib.contextmanager
+def cpu_engine(ckpt: Path, dtype: str):
+    """One in-process vLLM CPU engine serving ``ckpt`` with ``quantization="scalesweep"``
+    (eager, 64 MiB KV cache); the environment is restored afterwards."""
+    import vllm
+
+    keys = ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_HOST_IP")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the model reachable in-process
+    os.environ["VLLM_HOST_IP"] = "127.0.0.1"
+    try:
+        yield vllm.LLM(
+            str(ckpt),
+            quantization="scalesweep",
+            enforce_eager=True,
+            dtype=dtype,
+            max_model_len=256,
+            kv_cache_memory_bytes=64 << 20,
+            seed=0,
+        )
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

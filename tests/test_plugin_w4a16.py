@@ -3,11 +3,9 @@ weights decoded once at load, no runtime quantization."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from plugin_support import PROMPTS, reference_model, teacher_forced, tiny_checkpoint
+from plugin_support import PROMPTS, cpu_engine, reference_model, teacher_forced, tiny_checkpoint
 
 pytestmark = pytest.mark.vllm
 vllm = pytest.importorskip("vllm")
@@ -28,25 +26,8 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(ckpt):
-    saved = {k: os.environ.get(k) for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_HOST_IP")}
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ["VLLM_HOST_IP"] = "127.0.0.1"
-    llm = vllm.LLM(
-        str(ckpt),
-        quantization="scalesweep",
-        enforce_eager=True,
-        dtype="bfloat16",
-        max_model_len=256,
-        kv_cache_memory_bytes=64 << 20,
-        seed=0,
-    )
-    yield llm
-    del llm
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with cpu_engine(ckpt, "bfloat16") as llm:
+        yield llm
 
 
 def test_weight_only_layers(engine):

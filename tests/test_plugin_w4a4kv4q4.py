@@ -9,11 +9,10 @@ scalesweep_vllm/plugin/attention.py).
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
-from plugin_support import PROMPTS, reference_model, teacher_forced, tiny_checkpoint
+from plugin_support import PROMPTS, cpu_engine, reference_model, teacher_forced, tiny_checkpoint
 
 pytestmark = pytest.mark.vllm
 vllm = pytest.importorskip("vllm")
@@ -42,24 +41,8 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(ckpt):
-    old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # model reachable in-process
-    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
-    llm = vllm.LLM(
-        str(ckpt),
-        quantization="scalesweep",
-        enforce_eager=True,
-        dtype="float32",
-        max_model_len=256,
-        kv_cache_memory_bytes=64 << 20,
-        seed=0,
-    )
-    yield llm
-    del llm
-    if old is None:
-        os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    else:
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = old
+    with cpu_engine(ckpt, "float32") as llm:
+        yield llm
 
 
 @pytest.fixture(scope="module")
