@@ -224,6 +224,14 @@ def _clip_part(a, w, g, e_ref):
 
 
 @triton.jit
+def _with_sign(mag, neg):
+    """``mag`` (>= 0, fp32) with its sign bit set where ``neg`` (0/1): bit-exact -0.0.
+    Triton before 3.7 lowers unary minus to ``0 - x``, which turns -0.0 into +0.0."""
+    bits = mag.to(tl.uint32, bitcast=True) | (neg.to(tl.uint32) << 31)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _encode_part(x, a, inv, FAKE: tl.constexpr):
     """Quantize one quarter [BM, 4] with r = |x| * (G / v), sign from x (-0.0 -> code 8).
 
@@ -238,8 +246,7 @@ def _encode_part(x, a, inv, FAKE: tl.constexpr):
     t = rs + c
     sign = x.to(tl.uint32, bitcast=True) >> 31
     if FAKE:
-        q = t - c
-        return tl.where(sign != 0, -q, q)
+        return _with_sign(t - c, sign)
     else:
         idx = t.to(tl.uint32, bitcast=True) - cb + ((cb >> 22) - 298)
         codes = idx | (sign << 3)
@@ -429,12 +436,12 @@ def dequant_kernel(
     mag = (codes & 7).to(tl.float32)
     # E2M1 magnitudes from the index: m/2 below 4, m - 2 for 4, 5, then 4 and 6.
     qm = tl.where(mag < 4.0, mag * 0.5, tl.where(mag < 6.0, mag - 2.0, mag * 2.0 - 8.0))
-    q = tl.where((codes & 8) != 0, -qm, qm)
+    q = _with_sign(qm, (codes >> 3) & 1)
     sc = tl.load(scale_ptr + blk, mask=bmask, other=0).to(tl.int32)
     sm = sc & 0x7F
     v = _fp8_value(sm)
     v = tl.where(sm == 0x7F, float("nan"), v)
-    v = tl.where((sc & 0x80) != 0, -v, v)
+    v = _with_sign(v, (sc >> 7) & 1)
     g = tl.load(g_ptr)
     s = tl.div_rn(v, tl.full([BM], 0.0, tl.float32) + g)
     out = s[:, None] * q
