@@ -145,23 +145,11 @@ def sass_main_count(cubin: bytes) -> int | None:
 
 
 def sass_loop_ops(cubin: bytes) -> collections.Counter | None:
-    import triton
-
-    nvdisasm = os.path.join(
-        os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm"
-    )
-    if not os.path.exists(nvdisasm):
-        nvdisasm = shutil.which("nvdisasm")
-    if not nvdisasm:
-        return None
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        res = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True)
-    if res.returncode:
+    sass = _sass_lines(cubin)
+    if sass is None:
         return None
     lines = []
-    for ln in res.stdout.splitlines():
+    for ln in sass:
         s = ln.strip()
         m = re.match(r"^/\*[0-9a-f]+\*/\s+(.*?);?\s*(/\*.*)?$", s)
         if m:
