@@ -383,8 +383,12 @@ def quantize_codes(
     """4-bit E2M1 codes (uint8 0..15, unpacked, shape of x) of x with these scales:
     ``encode_e2m1(x * (G / v))``. Pack them with :func:`nvfp4.pack_fp4`."""
     g, _ = validate(x, global_scale)
-    v = _scales_to_values(x, scales).clamp(min=2.0**-9)
-    inv = (g / v).repeat_interleave(BLOCK_SIZE, dim=-1)
+    return _encode(x, g, _scales_to_values(x, scales))
+
+
+def _encode(x: torch.Tensor, g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Codes of already validated x with fp32 scale values v (see quantize_codes)."""
+    inv = (g / v.clamp(min=2.0**-9)).repeat_interleave(BLOCK_SIZE, dim=-1)
     return encode_e2m1(x.detach().to(torch.float32) * inv)
 
 
@@ -395,6 +399,6 @@ def quantize_dequantize(
     compressed-tensors' order, so a checkpoint holding these codes and scales
     decodes to exactly this."""
     g, _ = validate(x, global_scale)
-    codes = quantize_codes(x, g, scales)
-    s = (_scales_to_values(x, scales) / g).repeat_interleave(BLOCK_SIZE, dim=-1)
-    return s * decode_e2m1(codes)
+    v = _scales_to_values(x, scales)
+    s = (v / g).repeat_interleave(BLOCK_SIZE, dim=-1)
+    return s * decode_e2m1(_encode(x, g, v))
