@@ -78,6 +78,15 @@ def _weight(k, gen, zeros=True):
 # ---------------------------------------------------------------------------
 
 
+def _run_clean(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter without TRITON_INTERPRET; it must succeed."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", [1, 3, 17])
 @pytest.mark.parametrize("method", ["absmax", "mse", "wmse"])
@@ -384,10 +393,7 @@ def test_imports_without_triton():
         "else:\n"
         "    raise SystemExit('no error')\n"
     )
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    env.pop("TRITON_INTERPRET", None)
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-2000:]
+    _run_clean(code)
 
 
 def test_custom_op_fake_shapes():
@@ -420,10 +426,7 @@ def test_blackwell_path_compiles():
         "rows = [ptx_report.report(100, 'mse', True), ptx_report.report(90, 'mse', False)]\n"
         "print(json.dumps(rows))\n"
     )
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    env.pop("TRITON_INTERPRET", None)
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = _run_clean(code)
     import json
 
     bw, hopper = json.loads(res.stdout.strip().splitlines()[-1])
