@@ -26,8 +26,9 @@ import torch
 from vllm.model_executor.layers.quantization.kv_cache import BaseKVCacheMethod
 
 from .. import kernels
+from .compat import AttentionFacts, check_attention
 
-__all__ = ["ScaleSweepKVCacheMethod", "head_slice"]
+__all__ = ["ScaleSweepKVCacheMethod", "attention_facts", "head_slice"]
 
 logger = logging.getLogger("vllm.scalesweep")  # under vLLM's configured logger
 
@@ -74,14 +75,69 @@ class _Part:
         return kernels.fake_quantize(x, self.global_scale, self.method, self.weight)
 
 
-class ScaleSweepKVCacheMethod(BaseKVCacheMethod):
-    """Wraps the attention impl of one layer; vLLM's own scale handling is kept."""
+def _supported(impl, name: str) -> bool:
+    """``impl.<name>()`` of vLLM's fusion-capability queries; False where absent."""
+    fn = getattr(impl, name, None)
+    if not callable(fn):
+        return False
+    try:
+        return bool(fn())
+    except Exception:  # a query that needs state the impl lacks: not fusable
+        return False
 
-    def __init__(self, quant_config, prefix: str):
+
+def attention_facts(layer: torch.nn.Module, prefix: str) -> AttentionFacts:
+    """Read what :func:`.compat.attention_refusals` decides on off a vLLM ``Attention``
+    layer under construction. vLLM (0.32 and 0.33,
+    vllm/model_executor/layers/attention/attention.py) calls the quant config's
+    ``get_quant_method`` from ``_init_kv_cache_quant`` after it has set
+    ``layer.kv_cache_dtype``, ``layer.attn_backend`` and ``layer.impl`` and before its
+    own checks (the fp8_e5m2 one) and ``query_quant``: so the plugin refuses first."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    config = get_current_vllm_config_or_none()  # set while vLLM builds the model
+    passes = getattr(getattr(config, "compilation_config", None), "pass_config", None)
+    impl = layer.impl
+    backend = layer.attn_backend
+    try:
+        name = backend.get_name()
+    except Exception:
+        name = getattr(backend, "__name__", type(impl).__name__)
+    qk_norm = _supported(impl, "fused_qk_norm_rope_kvcache_supported") or _supported(
+        impl, "fused_qk_norm_mrope_kvcache_supported"
+    )
+    parallel = getattr(config, "parallel_config", None)
+    return AttentionFacts(
+        prefix=prefix,
+        backend=str(name),
+        kv_cache_dtype=str(getattr(layer, "kv_cache_dtype", "auto")),
+        supports_quant_query_input=bool(getattr(impl, "supports_quant_query_input", False)),
+        forward_includes_kv_cache_update=bool(
+            getattr(backend, "forward_includes_kv_cache_update", True)
+        ),
+        has_do_kv_cache_update=callable(getattr(impl, "do_kv_cache_update", None)),
+        fused_rope_kvcache=bool(getattr(passes, "fuse_rope_kvcache", False))
+        and _supported(impl, "fused_rope_kvcache_supported"),
+        fused_qk_norm_rope_kvcache=bool(getattr(passes, "fuse_qk_norm_rope_kvcache", False))
+        and qk_norm,
+        decode_context_parallel_size=int(getattr(parallel, "decode_context_parallel_size", 1) or 1),
+    )
+
+
+class ScaleSweepKVCacheMethod(BaseKVCacheMethod):
+    """Wraps the attention impl of one layer; vLLM's own scale handling is kept.
+
+    Given the layer (as ``ScaleSweepConfig.get_quant_method`` does), refuses at once
+    the vLLM settings under which the hooks would crash, do nothing, or be undone
+    (:mod:`.compat`)."""
+
+    def __init__(self, quant_config, prefix: str, layer: torch.nn.Module | None = None):
         super().__init__(quant_config)
         self.prefix = prefix
         settings = quant_config.settings
         self.kv_method, self.q_method = settings.kv_cache, settings.query
+        if layer is not None:
+            check_attention(attention_facts(layer, prefix), self.kv_method, self.q_method)
         self.key, self.entry = quant_config.attention_entry(prefix)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:

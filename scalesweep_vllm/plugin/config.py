@@ -172,7 +172,7 @@ class ScaleSweepConfig(QuantizationConfig):
                 return None
             from .attention import ScaleSweepKVCacheMethod
 
-            return ScaleSweepKVCacheMethod(self, prefix)
+            return ScaleSweepKVCacheMethod(self, prefix, layer)  # refuses bad settings (compat.py)
         raise NotImplementedError(
             f"scalesweep: layer {prefix!r} of type {type(layer).__name__} is not supported "
             "(supported: Linear layers, decoder Attention, embeddings)"

@@ -42,26 +42,49 @@ from vllm.platforms import current_platform
 
 from .. import kernels
 from ..nvfp4 import BLOCK_SIZE
+from .compat import linear_backend
 
-__all__ = ["ScaleSweepLinearMethod", "choose_backend"]
+__all__ = ["ScaleSweepLinearMethod", "choose_backend", "log_backend"]
 
 logger = logging.getLogger("vllm.scalesweep")  # under vLLM's configured logger
 
 
-def choose_backend(act_method: str | None, device: torch.device) -> str:
-    """``cutlass`` on Blackwell for W4A4 when vLLM has its FP4 GEMM, else ``dequant``."""
-    if act_method is None or device.type != "cuda":
-        return "dequant"
-    major, _ = torch.cuda.get_device_capability(device)
-    if major not in (10, 12):
-        return "dequant"
+def _cutlass_fp4_supported() -> bool:
     try:
         from vllm.model_executor.layers.quantization.utils.nvfp4_utils import (
             cutlass_fp4_supported,
         )
     except ImportError:
-        return "dequant"
-    return "cutlass" if cutlass_fp4_supported() else "dequant"
+        return False
+    return bool(cutlass_fp4_supported())
+
+
+def choose_backend(
+    act_method: str | None, device: torch.device, dtype: torch.dtype
+) -> tuple[str, str]:
+    """(``cutlass`` | ``dequant``, why): ``cutlass`` on Blackwell for W4A4 in fp16/bf16
+    when vLLM has its FP4 GEMM, else the exact fallback (:func:`.compat.linear_backend`
+    decides; this reads the device)."""
+    cap = None
+    if act_method is not None and device.type == "cuda":
+        cap = tuple(torch.cuda.get_device_capability(device))
+    cutlass = cap is not None and cap[0] in (10, 12) and _cutlass_fp4_supported()
+    name = str(dtype).removeprefix("torch.")
+    return linear_backend(act_method, device.type, cap, name, cutlass)
+
+
+def log_backend(quant_config, backend: str, why: str) -> None:
+    """Say once per model (per quant config object, one per model) which GEMM
+    backend its NVFP4 Linear layers use and why; again only if a layer differs."""
+    seen = getattr(quant_config, "_scalesweep_backends_logged", None)
+    if seen is None:
+        seen = set()
+        quant_config._scalesweep_backends_logged = seen
+    if (backend, why) in seen:
+        return
+    seen.add((backend, why))
+    label = "cutlass (cutlass_scaled_fp4_mm" if backend == "cutlass" else "dequant (exact fallback"
+    logger.info("scalesweep: linear backend: %s: %s)", label, why)
 
 
 def _tp_rank() -> int:
@@ -170,7 +193,9 @@ class ScaleSweepLinearMethod(LinearMethodBase):
         if not torch.isfinite(gw).all() or (gw <= 0).any():
             raise ValueError(f"scalesweep: {self.prefix}.weight_global_scale is {gw.tolist()}")
         device = layer.weight_packed.device
-        layer.scalesweep_backend = choose_backend(self.act_method, device)
+        backend, why = choose_backend(self.act_method, device, layer.params_dtype)
+        layer.scalesweep_backend = backend
+        log_backend(self.quant_config, backend, why)
         if self.act_method is not None:
             ga = layer.input_global_scale.detach().to(torch.float32)
             if not torch.isfinite(ga).all() or (ga <= 0).any():
