@@ -149,8 +149,16 @@ def test_existing_output_needs_overwrite(tiny, tmp_path, capsys):
     assert cli.main([*args, str(calib)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
+    # a folder that is not ours is never deleted, --overwrite or not
+    assert cli.main([*args, str(calib), "--overwrite"]) == 2
+    assert "not written by scalesweep-quantize" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()  # empty now: --overwrite may use it
     assert cli.main([*args, str(calib), "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert (out / "config.json").is_file() and (out / "scalesweep.json").is_file()
+    (out / "extra.txt").write_text("x")  # an earlier output of ours is replaced whole
+    assert cli.main([*args, str(calib), "--overwrite"]) == 0
+    assert not (out / "extra.txt").exists() and (out / "config.json").is_file()
     assert not _leftovers(tmp_path)
 
 

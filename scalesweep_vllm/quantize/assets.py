@@ -15,6 +15,7 @@ Both packages are located with ``importlib.util.find_spec`` and never imported
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -29,6 +30,7 @@ __all__ = [
     "EVALUATION_ARTICLES",
     "cache_dir",
     "calibration_texts",
+    "convert_gguf",
     "corpus_path",
     "default_model_dir",
     "evaluation_texts",
@@ -66,18 +68,39 @@ def gguf_path() -> Path:
 
 
 def default_model_dir() -> Path:
-    """The default model as a standard HF bf16 folder, converted on first use.
+    """The default model as a standard HF bf16 folder, converted on first use."""
+    return _converted(gguf_path(), cache_dir() / DEFAULT_MODEL_NAME)
 
-    The conversion (about 20 s on 2 cores) writes into a temporary directory beside
-    the target and renames it into place, so a crash leaves no half folder and two
-    concurrent first runs are safe (the loser discards its copy).
+
+def convert_gguf(path: str | Path) -> Path:
+    """Any GGUF model file as a bf16 HF folder in the cache, converted on first use
+    and keyed by the file's resolved path, size and modification time."""
+    src = Path(path).expanduser().resolve()
+    st = src.stat()
+    key = hashlib.sha256(f"{src}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    try:
+        return _converted(src, cache_dir() / "gguf" / f"{src.stem}-{key}")
+    except ImportError as err:
+        raise ValueError(
+            f"{src}: converting a GGUF file needs the 'gguf' package "
+            "(pip install 'scalesweep-vllm[model]')"
+        ) from err
+    except Exception as err:  # noqa: BLE001 - gguf's reader raises struct, OS and value errors
+        raise ValueError(f"{src}: cannot convert this GGUF file to a bf16 model ({err})") from err
+
+
+def _converted(src: Path, target: Path) -> Path:
+    """``src`` (GGUF) converted into ``target``, unless already there.
+
+    The conversion (about 20 s on 2 cores for the default model) writes into a
+    temporary directory beside the target and renames it into place, so a crash
+    leaves no half folder and two concurrent first runs are safe (the loser
+    discards its copy).
     """
-    target = cache_dir() / DEFAULT_MODEL_NAME
     if (target / "config.json").is_file():
         return target
-    src = gguf_path()
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it 0700
         _convert_gguf(src, tmp)

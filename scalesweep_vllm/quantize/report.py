@@ -66,6 +66,18 @@ def _pct(x: float | None) -> str:
     return "   n/a" if x is None else f"{100 * x:6.1f}%"
 
 
+def _objective_note(objective: str | None) -> str:
+    """What the sweep minimised, so that a negative reduction in the other column reads right."""
+    if objective == "wmse":
+        return (
+            "objective wmse: the sweep minimises WMSE (error weighted by each input "
+            "channel's E[x^2]); plain MSE is shown for reference and may rise (negative red.)"
+        )
+    if objective == "mse":
+        return "objective mse: the sweep minimises plain MSE; WMSE is shown for reference"
+    return "objective absmax: block scale amax/6 (no sweep); both columns show AbsMax"
+
+
 def format_report(report: dict) -> str:
     """A readable table of the report."""
     lines = []
@@ -81,9 +93,12 @@ def format_report(report: dict) -> str:
             f"  {'calibration':<24}{cal.get('num_samples')} x {cal.get('seq_len')} tokens "
             f"from {cal.get('source')}"
         )
+        for note in cal.get("warnings", []):
+            lines.append(f"  warning: {note}")
     lines.append("")
     rows = report.get("layers", [])
     if rows and "mse_absmax" in rows[0]:
+        lines.append(_objective_note(hdr.get("objective")))
         lines.append(
             f"{'layer':<44}{'shape':>12}{'G_w':>10}{'G_a':>10}"
             f"{'MSE absmax':>12}{'MSE sweep':>11}{'red.':>8}"

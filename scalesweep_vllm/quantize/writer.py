@@ -28,6 +28,7 @@ from torch import nn
 from .. import __version__
 from ..nvfp4 import BLOCK_SIZE
 from ..sweep import BOUNDS_VERSION
+from . import preflight
 from .scheme import Scheme
 from .weights import QuantizedLinear
 
@@ -62,13 +63,9 @@ MAX_SHARD_BYTES = 4 << 30
 
 
 def check_output(output: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing output unless ``overwrite`` (FileExistsError)."""
-    out = Path(output).expanduser().absolute()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output {out} already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output {out} exists and is not a directory")
-    return out
+    """The resolved output folder; refuses an existing one unless ``overwrite``, and
+    even then one that is neither empty nor ours (:func:`preflight.check_output`)."""
+    return preflight.check_output(output, overwrite)
 
 
 @contextlib.contextmanager
