@@ -184,3 +184,46 @@ def test_bad_runtime_override(w4a4, monkeypatch):
     monkeypatch.setenv("SCALESWEEP_QUERY", "fastest")
     with pytest.raises(ValueError, match="SCALESWEEP_QUERY='fastest'"):
         _llm(w4a4, quantization="scalesweep")
+
+
+# -- issue 13: load-time errors that name the file and the field --------------------
+
+
+def test_model_without_quantization_config(tmp_path_factory):
+    from plugin_support import tiny_model_dir
+
+    with pytest.raises(ValueError, match="has no quantization_config in config.json") as exc:
+        _llm(tiny_model_dir(tmp_path_factory), quantization="scalesweep")
+    assert "scalesweep-quantize" in str(exc.value)
+
+
+def test_invalid_metadata_json_names_the_file(tmp_path, w4a4):
+    ck = _copy(w4a4, tmp_path / "c")
+    (ck / "scalesweep.json").write_text('{"format_version": 1, "scheme": ')
+    with pytest.raises(ValueError, match=r"scalesweep: .*scalesweep\.json is not valid JSON"):
+        _llm(ck, quantization="scalesweep")
+
+
+@pytest.mark.parametrize(
+    "field,value,src",
+    [
+        ("num_kv_heads", 5, "num_key_value_heads"),
+        ("num_heads", 3, "num_attention_heads"),
+        ("head_dim", 32, "head_dim"),
+    ],
+)
+def test_metadata_heads_checked_against_config(tmp_path, w4a4, field, value, src):
+    """Checked when vLLM builds its config, before any weight (or vector) loads."""
+
+    def meta(m):
+        first = next(iter(m["attention"]))
+        m["attention"][first][field] = value
+
+    ck = _copy(w4a4, tmp_path / "c", edit_meta=meta)
+    with pytest.raises(
+        ValueError,
+        match=rf"attention\..*\.{field} is {value} but config\.json "
+        rf"has {src}",
+    ) as exc:
+        _llm(ck, quantization="scalesweep")
+    assert "vectors" not in str(exc.value)

@@ -101,9 +101,17 @@ class ScaleSweepConfig(QuantizationConfig):
         """Read ``scalesweep.json`` and its vectors from the checkpoint folder."""
         folder = _resolve_folder(model_name, revision)
         self.model_dir = folder
+        if self.ct is None:
+            raise ValueError(
+                f"scalesweep: {folder or model_name} has no quantization_config in config.json, "
+                "so it is not a quantized checkpoint. Quantize it first "
+                "(scalesweep-quantize --model ... --output ...) or serve it without "
+                "--quantization scalesweep"
+            )
         try:
             if folder is not None and os.path.isfile(os.path.join(folder, METADATA_FILE)):
                 self.meta = ScaleSweepMetadata.load(folder)
+                self.meta.check_model(hf_config)
             self.settings = resolve_settings(self.ct, self.meta, str(folder or model_name))
         except CheckpointError as exc:
             raise ValueError(f"scalesweep: {exc}") from exc

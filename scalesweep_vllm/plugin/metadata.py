@@ -148,13 +148,57 @@ class ScaleSweepMetadata:
     query: dict[str, Any]
     attention: dict[str, AttentionEntry]
     vectors: dict[str, torch.Tensor] = field(default_factory=dict)
+    path: str = METADATA_FILE
+
+    def check_model(self, hf_config: Any) -> None:
+        """Each attention entry's head counts and head_dim, and its Q/K/V vectors'
+        shapes, against the model's config.json: a mismatch fails here, at config
+        time, naming the file and field, not after the weights have loaded."""
+        if hf_config is None or not self.attention:
+            return
+        cfg = getattr(hf_config, "get_text_config", lambda: hf_config)()
+        heads = getattr(cfg, "num_attention_heads", None)
+        kv = getattr(cfg, "num_key_value_heads", None) or heads
+        dim = getattr(cfg, "head_dim", None)
+        if not dim and heads:
+            dim = getattr(cfg, "hidden_size", 0) // heads
+        layers = getattr(cfg, "num_hidden_layers", None)
+        _need(
+            layers is None or len(self.attention) <= layers,
+            f"{self.path}: 'attention' has {len(self.attention)} entries but config.json has "
+            f"num_hidden_layers {layers}",
+        )
+        expect = {"num_heads": heads, "num_kv_heads": kv, "head_dim": dim}
+        src = {"num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads"}
+        for prefix, e in self.attention.items():
+            for fld, want in expect.items():
+                got = getattr(e, fld)
+                _need(
+                    not want or got == want,
+                    f"{self.path}: attention.{prefix}.{fld} is {got} but config.json has "
+                    f"{src.get(fld, 'head_dim')} {want}; this metadata belongs to another model",
+                )
+            for c, n in (("q", e.num_heads), ("k", e.num_kv_heads), ("v", e.num_kv_heads)):
+                vec = self.vectors.get(f"{prefix}.{c}_weight")
+                _need(
+                    vec is None or tuple(vec.shape) == (n, e.head_dim),
+                    f"{self.path}: vector {prefix}.{c}_weight has shape "
+                    f"{tuple(vec.shape) if vec is not None else None}, expected "
+                    f"{(n, e.head_dim)} from attention.{prefix}",
+                )
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> ScaleSweepMetadata:
         path = Path(folder) / METADATA_FILE
-        with open(path) as f:
-            raw = json.load(f)
         where = str(path)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(
+                f"{where} is not valid JSON ({exc}); it is scalesweep's metadata, written by "
+                "scalesweep-quantize: re-export the checkpoint or restore the file"
+            ) from exc
+        _need(isinstance(raw, dict), f"{where}: expected a JSON object, got {type(raw).__name__}")
         version = raw.get("format_version")
         _need(
             version in SUPPORTED_FORMAT_VERSIONS,
@@ -185,11 +229,6 @@ class ScaleSweepMetadata:
                 )
             except (KeyError, TypeError, ValueError) as exc:
                 raise CheckpointError(f"{where}: attention.{prefix} is malformed: {exc}") from exc
-            _need(
-                attention[prefix].head_dim % GROUP_SIZE == 0,
-                f"{where}: attention.{prefix}.head_dim {attention[prefix].head_dim} is not "
-                f"a multiple of {GROUP_SIZE}",
-            )
         vectors: dict[str, torch.Tensor] = {}
         vfile = raw.get("vectors_file")
         if vfile:
@@ -206,6 +245,7 @@ class ScaleSweepMetadata:
             query=parts["query"],
             attention=attention,
             vectors=vectors,
+            path=where,
         )
         for part in ("kv_cache", "query"):
             if parts[part]["enabled"]:
@@ -291,6 +331,17 @@ def resolve_settings(
         elif env[part] == "off":
             method = None
         out[part] = method
+    for part in ("kv_cache", "query"):
+        if out[part] is None or meta is None:
+            continue
+        for prefix, e in meta.attention.items():
+            if e.head_dim % GROUP_SIZE:
+                raise CheckpointError(
+                    f"{folder}/{METADATA_FILE}: {part} quantization is on but "
+                    f"attention.{prefix}.head_dim {e.head_dim} is not a multiple of "
+                    f"{GROUP_SIZE} (NVFP4 blocks run along head_dim); serve with "
+                    f"{ENV_METHOD_OVERRIDES[part]}=off"
+                )
     for part, method in out.items():
         if method == "wmse" and meta is None:
             raise CheckpointError(f"{part} method 'wmse' needs {METADATA_FILE} and its vectors")
