@@ -202,8 +202,10 @@ def absmax_codes(x: torch.Tensor, global_scale: torch.Tensor | float) -> torch.T
     raised to 1 when it would be 0 (an all-zero or vanishing block: every scale
     reconstructs it as 0, and code 1 is what the sweep's tie rule picks).
 
-    Matches vLLM's ``scaled_fp4_quant`` scale (amax/6 in fp32); compressed-tensors
-    computes amax/6 in the input dtype and maps a zero scale to 0.125 instead.
+    vLLM's recipe (amax/6 in fp32), correctly rounded; vLLM's ``scaled_fp4_quant``
+    multiplies by ``rcp.approx`` reciprocals, so at FP8 ties its scale can differ by
+    one code (docs/SERVING.md). compressed-tensors computes amax/6 in the input dtype
+    and maps a zero scale to 0.125 instead.
     """
     g, _ = validate(x, global_scale)
     return _absmax_codes_blocks(_blocks(x), g).reshape(_scale_shape(x))
