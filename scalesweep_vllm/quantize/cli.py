@@ -56,8 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--scheme",
         choices=list(SCHEMES),
         default="W4A4",
-        help="W4A16: weights only; W4A4: + Linear inputs (default, what stock vLLM serves "
-        "on Blackwell); W4A4KV4: + KV cache; W4A4KV4Q4: + attention queries",
+        help="W4A16: weights only; W4A4: + Linear inputs (default; stock vLLM quantizes "
+        "them on Blackwell and Hopper and runs weight-only elsewhere, see docs/SERVING.md); "
+        "W4A4KV4: + KV cache; W4A4KV4Q4: + attention queries (these two need "
+        "--quantization scalesweep and a head_dim that is a multiple of 16)",
     )
     p.add_argument(
         "--objective",

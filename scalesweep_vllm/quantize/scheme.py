@@ -1,9 +1,11 @@
 """Quantization schemes and objectives, parsed once at the edge.
 
-``W4A16``: NVFP4 weights only. ``W4A4``: plus NVFP4 Linear inputs (the scheme stock
-vLLM serves on Blackwell). ``W4A4KV4``: plus the KV cache. ``W4A4KV4Q4``: plus the
-attention queries. The KV/query settings live in ``scalesweep.json`` (the plugin
-reads them); ``quantization_config`` stays pure compressed-tensors.
+``W4A16``: NVFP4 weights only. ``W4A4``: plus NVFP4 Linear inputs (stock vLLM 0.33
+quantizes them by AbsMax on Blackwell and through Humming on Hopper, and runs the
+checkpoint weight-only on Marlin elsewhere: docs/SERVING.md). ``W4A4KV4``: plus
+the KV cache. ``W4A4KV4Q4``: plus the attention queries. The KV/query settings
+live in ``scalesweep.json`` (the plugin reads them); ``quantization_config`` stays
+pure compressed-tensors.
 """
 
 from __future__ import annotations
