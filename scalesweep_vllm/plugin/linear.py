@@ -7,10 +7,12 @@ fused q/k/v and gate/up shards and split them for tensor parallelism
 
 Backends (chosen once per layer at load, :func:`choose_backend`):
 
-* ``cutlass`` (Blackwell, sm_100/sm_120, W4A4): activations are quantized by
-  ScaleSweep through :func:`scalesweep_vllm.kernels.quantize`, their block scales
-  swizzled with vLLM's ``swizzle_blockscale``, and the product runs on vLLM's
-  ``cutlass_scaled_fp4_mm`` with ``alpha = 1 / (G_a * G_w)``.
+* ``cutlass`` (Blackwell, sm_100/sm_120, W4A4, fp16/bf16 models): activations are
+  quantized by ScaleSweep through :func:`scalesweep_vllm.kernels.swizzle.quantize_swizzled`
+  (the codes of :func:`scalesweep_vllm.kernels.quantize`, block scales written in the
+  swizzled, padded layout by one Triton pass), and the product runs on vLLM's
+  ``cutlass_scaled_fp4_mm`` with ``alpha = 1 / (G_a * G_w)``. Its output is fp16/bf16
+  only: a float32 model takes ``dequant``.
 * ``dequant`` (everything else: Hopper, Ampere, CPU; and W4A16 everywhere): the
   weight is decoded ONCE at load to the model dtype with
   :func:`scalesweep_vllm.kernels.dequantize`, in compressed-tensors' order
@@ -280,19 +282,23 @@ class ScaleSweepLinearMethod(LinearMethodBase):
 
     def _apply_cutlass(self, layer, x, bias):
         from vllm._custom_ops import cutlass_scaled_fp4_mm
-        from vllm.model_executor.layers.quantization.utils.nvfp4_utils import swizzle_blockscale
+
+        from ..kernels.swizzle import quantize_swizzled
 
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        packed, scales = kernels.quantize(
-            x2, layer.scalesweep_input_gs, self.act_method, layer.scalesweep_input_weight
+        # Codes and the swizzled, zero-padded scales cutlass reads, in one extra pass
+        # (kernels/swizzle.py), not vLLM's per-call swizzle_blockscale.
+        packed, scales = quantize_swizzled(
+            x.reshape(-1, shape[-1]),
+            layer.scalesweep_input_gs,
+            self.act_method,
+            layer.scalesweep_input_weight,
+            layer.scalesweep_pad_bytes,
         )
-        if layer.scalesweep_pad_bytes:
-            packed = torch.nn.functional.pad(packed, (0, layer.scalesweep_pad_bytes))
         out = cutlass_scaled_fp4_mm(
-            packed.contiguous(),
+            packed,
             layer.weight,
-            swizzle_blockscale(scales),
+            scales,
             layer.weight_scale,
             layer.scalesweep_alpha,
             x.dtype,
