@@ -30,6 +30,7 @@ __all__ = [
     "FP8_MAX",
     "FP8_MAX_CODE",
     "GLOBAL_SCALE_MAX",
+    "GLOBAL_SCALE_MIN",
     "GLOBAL_SCALE_TARGETS",
     "decode_e2m1",
     "encode_e2m1",
@@ -60,6 +61,11 @@ GLOBAL_SCALE_TARGETS = {"paper": 256.0, "compressed-tensors": 448.0}
 #: arithmetic of the sweep is no longer exact. It corresponds to a tensor amax
 #: below ~5e-33, i.e. a tensor that is zero for every practical purpose.
 GLOBAL_SCALE_MAX = 2.0**115
+#: Smallest global scale accepted: below it ``G / 448`` is an fp32 subnormal, whose
+#: rounding breaks the sweep's proofs (``sweep`` module docstring). Only a tensor
+#: amax above ~2.6e38 (paper convention) reaches it; :func:`global_scale` raises
+#: smaller results to it.
+GLOBAL_SCALE_MIN = 2.0**-117
 
 
 def round_e2m1_magnitude(a: torch.Tensor) -> torch.Tensor:
@@ -203,8 +209,8 @@ def global_scale(amax: torch.Tensor | float, convention: str = "paper") -> torch
     block, the largest included, keeps 448/256 = 1.75x room above its AbsMax
     scale, more than the 12/7 the sweep can use); ``"compressed-tensors"`` uses
     448 (llm-compressor's ``generate_gparam``). A zero or non-finite amax gives
-    1.0, as compressed-tensors does; the result is capped at
-    :data:`GLOBAL_SCALE_MAX`.
+    1.0, as compressed-tensors does; the result is clamped to
+    [:data:`GLOBAL_SCALE_MIN`, :data:`GLOBAL_SCALE_MAX`], the range the sweep accepts.
     """
     if convention not in GLOBAL_SCALE_TARGETS:
         raise ValueError(
@@ -217,4 +223,4 @@ def global_scale(amax: torch.Tensor | float, convention: str = "paper") -> torch
     amax_t = amax_t.to(torch.float32)
     g = (GLOBAL_SCALE_TARGETS[convention] * FP4_MAX) / amax_t
     g = torch.where(torch.isfinite(g) & (amax_t > 0), g, torch.ones_like(g))
-    return g.clamp(max=GLOBAL_SCALE_MAX).reshape(1)
+    return g.clamp(min=GLOBAL_SCALE_MIN, max=GLOBAL_SCALE_MAX).reshape(1)
