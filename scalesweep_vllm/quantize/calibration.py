@@ -14,7 +14,16 @@ device fits as long as one decoder layer plus the calibration activations do.
    model (one forward pass of the original model, split by layer).
 
 Per quantized Linear: the per-input-channel second moment E[x^2] (the WMSE weight
-of the weight's blocks) and max|x| (the input global scale).
+of the weight's blocks) and max|x| (the input global scale); for GPTQ
+(``hessians=True``) also ``H = sum x x^T`` (float32 [K, K]), one per fused group
+(partners share their input, so they share one H: only the first partner's hook
+accumulates it).
+
+Sequential GPTQ (``replacements`` given): the layer's outputs, which become the next
+layer's inputs, are computed after the caller has quantized the layer, with the
+caller's quantized weights swapped in for that forward only. Then every layer is
+calibrated on what the already quantized layers before it produce (as GPTQ and
+llm-compressor do); the weights of the model itself are left untouched.
 
 Per attention module: max|q|, max|k|, max|v| and the per-head, per-channel second
 moments of q and k, taken *after* the rotary embedding (and any q/k norm), i.e.
@@ -57,10 +66,18 @@ class LinearStats:
     sum_sq: torch.Tensor  # float64 [K]
     count: int = 0
     amax: float = 0.0
+    hessian: torch.Tensor | None = None  # float32 [K, K] sum of x x^T, shared by partners
+    owns_hessian: bool = False  # this Linear's hook accumulates ``hessian``
 
     def mean_sq(self) -> torch.Tensor:
         """E[x^2] per input channel (float32)."""
         return (self.sum_sq / max(self.count, 1)).to(torch.float32)
+
+    def hessian_mean(self) -> torch.Tensor | None:
+        """``H / n = E[x x^T]`` (float32 [K, K]), None when not collected."""
+        if self.hessian is None:
+            return None
+        return self.hessian / max(self.count, 1)
 
 
 @dataclass
@@ -223,10 +240,17 @@ def calibrate_layers(
     compute_dtype: torch.dtype,
     batch_size: int = 8,
     progress: bool = False,
+    hessians: bool = False,
+    replacements: dict[str, torch.Tensor] | None = None,
 ) -> Iterator[tuple[int, nn.Module, LayerStats]]:
     """Yield ``(index, layer, stats)`` per decoder layer, the layer on ``device``
     in ``compute_dtype`` while the caller handles it (quantize it then); it goes
     back to the host in its original dtype when the caller asks for the next one.
+
+    ``hessians``: also accumulate H per fused group (module docstring).
+    ``replacements``: a dict the caller fills, while it handles a layer, with
+    quantized weights by Linear name; the layer's outputs are then computed with
+    those weights (sequential GPTQ), and the dict is emptied.
     """
     config = getattr(model, "config", None)
     kinds = set(getattr(config, "layer_types", None) or [])
@@ -256,24 +280,53 @@ def calibrate_layers(
                 for n, m in layer.named_modules()
             }
             hooks = []
+            shared: dict[str, torch.Tensor] = {}
             for t in plan.targets[i]:
-                stats.linears[t.name] = LinearStats(
-                    torch.zeros(t.module.in_features, dtype=torch.float64, device=device)
-                )
-                hooks.append(
-                    t.module.register_forward_pre_hook(_linear_hook(stats.linears[t.name]))
-                )
+                k = t.module.in_features
+                st = LinearStats(torch.zeros(k, dtype=torch.float64, device=device))
+                if hessians:
+                    st.owns_hessian = t.group not in shared
+                    if st.owns_hessian:
+                        shared[t.group] = torch.zeros(k, k, dtype=torch.float32, device=device)
+                    st.hessian = shared[t.group]
+                stats.linears[t.name] = st
+                hooks.append(t.module.register_forward_pre_hook(_linear_hook(st)))
             recorder = _attention_recorder(stats, prefixes, names)
+            keep = replacements is None  # else the outputs come after quantization
             try:
                 with _recording_attention(config, recorder):
                     for j, (hidden, kw) in enumerate(inputs):
                         out = layer(hidden, **kw)
-                        inputs[j] = (out[0] if isinstance(out, (tuple, list)) else out, kw)
+                        if keep:
+                            inputs[j] = (out[0] if isinstance(out, (tuple, list)) else out, kw)
+                        del out
             finally:
                 for h in hooks:
                     h.remove()
             yield i, layer, stats
+            del stats, shared
+            if not keep:
+                _propagate(layer, plan.targets[i], inputs, replacements)
             _move(layer, torch.device("cpu"), orig_dtype)
+
+
+def _propagate(layer, targets, inputs, replacements) -> None:
+    """The layer's outputs with the caller's quantized weights swapped in (then
+    swapped back), written over ``inputs``."""
+    saved = []
+    try:
+        for t in targets:
+            new = replacements.get(t.name)
+            if new is not None:
+                saved.append((t.module.weight, t.module.weight.data))
+                t.module.weight.data = new.to(t.module.weight.device, t.module.weight.dtype)
+        for j, (hidden, kw) in enumerate(inputs):
+            out = layer(hidden, **kw)
+            inputs[j] = (out[0] if isinstance(out, (tuple, list)) else out, kw)
+    finally:
+        for p, data in saved:
+            p.data = data
+        replacements.clear()
 
 
 def _linear_hook(st: LinearStats):
@@ -281,6 +334,8 @@ def _linear_hook(st: LinearStats):
         x = args[0].detach()
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)
         st.sum_sq += (x * x).sum(dim=0, dtype=torch.float64)
+        if st.owns_hessian:
+            st.hessian.addmm_(x.T, x)
         st.count += x.shape[0]
         if x.numel():
             st.amax = max(st.amax, float(x.abs().max()))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..nvfp4 import GLOBAL_SCALE_TARGETS
 from .data import CalibrationWarning
+from .gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP
 from .pipeline import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, quantize_model
 from .scheme import OBJECTIVES, SCHEMES
 
@@ -107,6 +108,39 @@ def build_parser() -> argparse.ArgumentParser:
         "for the sweep), compressed-tensors = 448*6/amax",
     )
     p.add_argument(
+        "--gptq",
+        action="store_true",
+        help="after choosing the ScaleSweep block scales, round the weights with GPTQ "
+        "(error feedback through the calibration Hessian H = X^T X onto the NVFP4 grid "
+        "of those fixed scales). Same checkpoint format; slower",
+    )
+    p.add_argument(
+        "--gptq-damp",
+        type=float,
+        default=DEFAULT_DAMP,
+        metavar="F",
+        help=f"GPTQ damping: add F x mean(diag H) to diag H (default {DEFAULT_DAMP})",
+    )
+    p.add_argument(
+        "--gptq-block-size",
+        type=int,
+        default=DEFAULT_BLOCK_SIZE,
+        metavar="B",
+        help=f"GPTQ lazy-batch width in columns, a multiple of 16 (default {DEFAULT_BLOCK_SIZE})",
+    )
+    p.add_argument(
+        "--gptq-inputs",
+        choices=["quantized", "original"],
+        default="quantized",
+        help="GPTQ calibration inputs of each decoder layer: from the already quantized "
+        "layers before it (quantized, default, sequential GPTQ) or from the original model",
+    )
+    p.add_argument(
+        "--gptq-actorder",
+        action="store_true",
+        help="GPTQ activation order, by whole 16-column blocks (largest diag H first)",
+    )
+    p.add_argument(
         "--dry-run",
         action="store_true",
         help="list what would be quantized and what stays bf16; write nothing",
@@ -156,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--num-samples and --seq-len must be >= 1")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
-    output = args.output or default_output(args.model, args.scheme, args.objective)
+    suffix = "-gptq" if args.gptq else ""
+    output = args.output or default_output(args.model, args.scheme, args.objective + suffix)
     import torch
 
     threads = torch.get_num_threads()
@@ -208,7 +243,32 @@ def _run(args: argparse.Namespace, output: Path) -> None:
         trust_remote_code=args.trust_remote_code,
         dry_run=args.dry_run,
         progress=not args.quiet,
+        gptq=_gptq_settings(args),
     )
+
+
+def _gptq_settings(args: argparse.Namespace) -> dict | bool:
+    """The ``gptq=`` argument of quantize_model; --gptq-* without --gptq is an error."""
+    if not args.gptq:
+        changed = [
+            flag
+            for flag, value, default in (
+                ("--gptq-damp", args.gptq_damp, DEFAULT_DAMP),
+                ("--gptq-block-size", args.gptq_block_size, DEFAULT_BLOCK_SIZE),
+                ("--gptq-inputs", args.gptq_inputs, "quantized"),
+                ("--gptq-actorder", args.gptq_actorder, False),
+            )
+            if value != default
+        ]
+        if changed:
+            raise ValueError(f"{', '.join(changed)} given without --gptq")
+        return False
+    return {
+        "damp": args.gptq_damp,
+        "block_size": args.gptq_block_size,
+        "sequential": args.gptq_inputs == "quantized",
+        "actorder": args.gptq_actorder,
+    }
 
 
 if __name__ == "__main__":

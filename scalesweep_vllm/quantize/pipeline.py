@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import nvfp4
+from .. import kernels, nvfp4
 from . import calibration, data, layers, preflight, report, writer
 from . import scheme as schemes
+from .gptq import GPTQConfig
 from .weights import GroupMember, QuantizedLinear, quantize_group
 
 __all__ = [
@@ -204,6 +205,7 @@ def quantize_model(
     trust_remote_code: bool = False,
     dry_run: bool = False,
     progress: bool = True,
+    gptq: bool | dict | GPTQConfig = False,
 ) -> dict:
     """Quantize a causal LM to an NVFP4 compressed-tensors checkpoint; return the report.
 
@@ -212,12 +214,17 @@ def quantize_model(
     wmse (weight block scales; also the runtime method recorded for activations,
     KV cache and query). ``calib``: None (Wikipedia), a text/JSONL file, a list of
     texts or token ids ``[n, T]``. ``dry_run``: plan and report only, write nothing.
+    ``gptq``: False (round to nearest), True (GPTQ with the defaults of
+    :class:`~.gptq.GPTQConfig`) or its settings (dict or GPTQConfig): GPTQ error
+    feedback on the fixed ScaleSweep block scales (:mod:`.gptq`); same checkpoint
+    format, settings recorded in scalesweep.json.
     """
     t_start = time.perf_counter()
     cpu_start = time.process_time()
     sch = schemes.get_scheme(scheme)
     schemes.check_objective(objective)
     schemes.check_convention(global_scale_convention)
+    gcfg = GPTQConfig.parse(gptq)
     if not dry_run and output is None:
         raise ValueError("an output directory is required (or use dry_run)")
     # Cheap checks first (preflight): nothing below loads the model's weights.
@@ -254,6 +261,7 @@ def quantize_model(
         "objective": objective,
         "global_scale_convention": global_scale_convention,
         "device": str(dev),
+        "gptq": None if gcfg is None else gcfg.to_json(),
     }
     t_loaded = time.perf_counter()
     if dry_run:
@@ -303,8 +311,19 @@ def quantize_model(
     quantized: dict[str, QuantizedLinear] = {}
     attention: dict[str, dict] = {}
     vectors: dict[str, torch.Tensor] = {}
+    # sequential GPTQ: the calibration pass takes the layer's quantized weights from
+    # here to compute the next layer's inputs
+    replacements = {} if gcfg is not None and gcfg.sequential else None
     for i, layer, st in calibration.calibrate_layers(
-        mdl, plan, tokens, dev, compute_dtype, batch_size=batch, progress=progress
+        mdl,
+        plan,
+        tokens,
+        dev,
+        compute_dtype,
+        batch_size=batch,
+        progress=progress,
+        hessians=gcfg is not None,
+        replacements=replacements,
     ):
         groups: dict[str, list[layers.Target]] = {}
         for t in plan.targets[i]:
@@ -320,9 +339,22 @@ def quantize_model(
                 )
                 for t in members
             ]
-            for q in quantize_group(gm, objective, global_scale_convention, sch.activations):
+            first = st.linears[members[0].name]
+            for q in quantize_group(
+                gm,
+                objective,
+                global_scale_convention,
+                sch.activations,
+                gptq=gcfg,
+                hessian=first.hessian_mean() if gcfg is not None else None,
+                hessian_tokens=first.count,
+            ):
                 quantized[q.name] = q
                 vectors[f"{q.name}.input_weight"] = q.input_weight
+                if replacements is not None:
+                    replacements[q.name] = kernels.dequantize(
+                        q.weight_packed, q.weight_scale, q.weight_global_scale, torch.float32
+                    )
         layer_prefix = f"{plan.layers_prefix}.{i}"
         for prefix, ast in st.attention.items():
             rel = prefix[len(layer_prefix) + 1 :] if prefix != layer_prefix else ""
@@ -357,6 +389,7 @@ def quantize_model(
             src_dir,
             src_name,
             cal_info,
+            gptq=_gptq_meta(gcfg, rows),
         )
         t_end = time.perf_counter()
         wall = t_end - t_start
@@ -375,6 +408,14 @@ def quantize_model(
     if progress:
         print(report.format_report(rep), end="")
     return rep
+
+
+def _gptq_meta(cfg: GPTQConfig | None, rows: list[dict]) -> dict:
+    """scalesweep.json's ``gptq`` entry: the settings and any RTN fallbacks."""
+    if cfg is None:
+        return {"enabled": False}
+    fallbacks = {r["name"]: r["gptq"] for r in rows if str(r.get("gptq", "ok")).startswith("rtn")}
+    return {"enabled": True, **cfg.to_json(), "rtn_fallbacks": fallbacks}
 
 
 def _check_something_quantized(plan: layers.LayerPlan) -> None:

@@ -6,6 +6,11 @@ Errors are per weight element: ``mse`` is the plain mean squared error, ``wmse``
 weighs each element by its input channel's calibrated E[x^2] (the diagonal
 approximation of the output error E||(W - W_hat) x||^2). AbsMax uses the same
 global scale as ScaleSweep, so the difference is the block-scale choice alone.
+
+With ``--gptq`` each row also holds the relative layer-output error on the
+calibration data, ``||X (W - W_q)^T||^2 / ||X W^T||^2`` (from ``H = X^T X``), of
+round-to-nearest (``out_err_rtn``) and of GPTQ (``out_err_gptq``) on the same block
+scales, and ``gptq``: "ok" or the reason of an RTN fallback.
 """
 
 from __future__ import annotations
@@ -59,6 +64,16 @@ def totals(rows: list[dict]) -> dict:
         out["mse_reduction"] = _reduction(out["mse_absmax"], out["mse_scalesweep"])
         out["wmse_reduction"] = _reduction(out["wmse_absmax"], out["wmse_scalesweep"])
         out["mean_layer_wmse_reduction"] = sum(r["wmse_reduction"] or 0.0 for r in rows) / len(rows)
+    done = [r for r in rows if "out_err_gptq" in r]
+    if done:
+        m = sum(r["shape"][0] * r["shape"][1] for r in done)
+        for k in ("out_err_rtn", "out_err_gptq"):
+            out[k] = sum(r[k] * r["shape"][0] * r["shape"][1] for r in done) / m
+        out["out_err_reduction"] = _reduction(out["out_err_rtn"], out["out_err_gptq"])
+        out["gptq_layers"] = len(done)
+    fallbacks = [r["name"] for r in rows if str(r.get("gptq", "")).startswith("rtn")]
+    if fallbacks:
+        out["gptq_rtn_fallbacks"] = fallbacks
     return out
 
 
@@ -87,6 +102,12 @@ def format_report(report: dict) -> str:
     for k in ("model", "output", "scheme", "objective", "global_scale_convention", "device"):
         if k in hdr:
             lines.append(f"  {k:<24}{hdr[k]}")
+    if hdr.get("gptq"):
+        g = hdr["gptq"]
+        lines.append(
+            f"  {'gptq':<24}damp {g['damp']}, block {g['block_size']}, inputs {g['inputs']}, "
+            f"actorder {'on' if g['actorder'] else 'off'}, H {g['hessian_dtype']}"
+        )
     cal = report.get("calibration")
     if cal:
         lines.append(
@@ -113,6 +134,22 @@ def format_report(report: dict) -> str:
                 f"{r['wmse_absmax']:>13.3e}{r['wmse_scalesweep']:>12.3e}"
                 f"{_pct(r['wmse_reduction']):>8}"
             )
+        if any("gptq" in r for r in rows):
+            lines.append("")
+            lines.append(
+                "layer-output error on the calibration data, ||X(W-Wq)^T||^2 / ||XW^T||^2, "
+                "same block scales"
+            )
+            lines.append(f"{'layer':<44}{'RTN':>12}{'GPTQ':>12}{'red.':>8}")
+            for r in rows:
+                if "out_err_gptq" in r:
+                    red = _reduction(r["out_err_rtn"], r["out_err_gptq"])
+                    lines.append(
+                        f"{r['name'][-44:]:<44}{r['out_err_rtn']:>12.3e}"
+                        f"{r['out_err_gptq']:>12.3e}{_pct(red):>8}"
+                    )
+                elif "gptq" in r:
+                    lines.append(f"{r['name'][-44:]:<44}  {r['gptq']}")
     elif rows:
         lines.append(f"{'layer (would be quantized)':<56}{'shape':>14}  fused group")
         for r in rows:
@@ -152,6 +189,13 @@ def format_report(report: dict) -> str:
             f"  weight WMSE  absmax {t['wmse_absmax']:.4e}  scalesweep "
             f"{t['wmse_scalesweep']:.4e}  reduction {_pct(t['wmse_reduction']).strip()}"
         )
+    if "out_err_gptq" in t:
+        lines.append(
+            f"  output error RTN {t['out_err_rtn']:.4e}  GPTQ {t['out_err_gptq']:.4e}  "
+            f"reduction {_pct(t['out_err_reduction']).strip()}"
+        )
+    if t.get("gptq_rtn_fallbacks"):
+        lines.append(f"  GPTQ fell back to RTN on: {', '.join(t['gptq_rtn_fallbacks'])}")
     tm = report.get("timing", {})
     if tm:
         lines.append(

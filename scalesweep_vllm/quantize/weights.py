@@ -7,15 +7,24 @@ compressed-tensors convention). Only then is each partner's every block scale
 chosen by the kernel dispatch (Triton on CUDA, the torch reference elsewhere)
 with that shared scale, by AbsMax, MSE sweep or WMSE sweep (WMSE weight: the
 input channel's E[x^2], broadcast over rows).
+
+With GPTQ (:mod:`.gptq`) the block scales and global scales are chosen exactly as
+above first; then the group's rows (partners stacked: they share one H) are
+rounded column by column onto those fixed grids with error feedback. The metrics
+then also hold the relative layer-output error on the calibration data,
+``tr(D H D^T) / tr(W H W^T)`` with ``D = W - W_q`` and ``H = E[x x^T]``, of RTN
+and of GPTQ side by side.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
 from .. import kernels, nvfp4
+from .gptq import GPTQConfig, gptq_quantize, output_error
 
 __all__ = ["GroupMember", "QuantizedLinear", "quantize_group"]
 
@@ -63,11 +72,18 @@ def quantize_group(
     convention: str,
     activations: bool,
     metrics: bool = True,
+    gptq: GPTQConfig | None = None,
+    hessian: torch.Tensor | None = None,
+    hessian_tokens: int = 0,
 ) -> list[QuantizedLinear]:
     """Quantize one fused group with shared global scales; see the module docstring.
 
     ``metrics``: also quantize with AbsMax (same global scale) and record both
     reconstruction errors (plain MSE and E[x^2]-weighted MSE, per weight element).
+    ``gptq``: then run GPTQ on the fixed scales with ``hessian`` (``E[x x^T]`` of the
+    group's shared input over ``hessian_tokens`` tokens). A group that saw no
+    calibration token (or only zero inputs) keeps its RTN codes, with a warning and
+    ``metrics["gptq"] = "rtn-fallback: ..."``.
     """
     wf = [m.weight.detach().to(torch.float32) for m in members]
     weight_amax = max(float(w.abs().max()) if w.numel() else 0.0 for w in wf)
@@ -76,6 +92,7 @@ def quantize_group(
     g_a = nvfp4.global_scale(input_amax, convention) if activations else None
     names = [m.name for m in members]
     out = []
+    rtn: list[tuple[torch.Tensor, torch.Tensor]] = []
     for m, w in zip(members, wf, strict=True):
         if not bool(torch.isfinite(w).all()):
             raise ValueError(
@@ -101,6 +118,7 @@ def quantize_group(
                     (scales.view(torch.uint8) != s_abs.view(torch.uint8)).float().mean()
                 ),
             }
+        rtn.append((packed, scales))
         out.append(
             QuantizedLinear(
                 name=m.name,
@@ -118,4 +136,56 @@ def quantize_group(
                 metrics=rec,
             )
         )
+    if gptq is not None:
+        _apply_gptq(out, wf, rtn, g_w, gptq, hessian, hessian_tokens, metrics)
     return out
+
+
+def _apply_gptq(out, wf, rtn, g_w, cfg, hessian, tokens, metrics) -> None:
+    """Replace the RTN codes of ``out`` by GPTQ codes on the same scales."""
+    name = "+".join(q.name for q in out)
+    reason = None
+    if hessian is None or tokens <= 0:
+        reason = "no calibration tokens reached this layer"
+    elif not bool(torch.isfinite(hessian).all()):
+        reason = "its calibration inputs hold NaN/Inf"
+    elif float(hessian.diagonal().max()) <= 0:
+        reason = "all its calibration inputs are zero"
+    if reason is not None:
+        warnings.warn(f"GPTQ: {name}: {reason}; kept round-to-nearest", stacklevel=3)
+        for q in out:
+            q.metrics["gptq"] = f"rtn-fallback: {reason}"
+        return
+    dev = wf[0].device
+    h = hessian.to(dev, torch.float32)
+    res = gptq_quantize(
+        torch.cat(wf, dim=0),
+        torch.cat([s.to(dev) for _, s in rtn], dim=0),
+        g_w,
+        h,
+        damp=cfg.damp,
+        block_size=cfg.block_size,
+        actorder=cfg.actorder,
+    )
+    if res.grid_mismatches:  # the reference's rounding changed under the loop's
+        warnings.warn(
+            f"GPTQ: {name}: {res.grid_mismatches} weights rounded differently from the "
+            "reference; the reference's codes are written (on the grid, feedback inexact)",
+            stacklevel=3,
+        )
+    row = 0
+    for q, w, (p_rtn, s_rtn) in zip(out, wf, rtn, strict=True):
+        codes = res.codes[row : row + w.shape[0]]
+        row += w.shape[0]
+        q.weight_packed = nvfp4.pack_fp4(codes).cpu()
+        q.metrics["gptq"] = "ok"
+        q.metrics["gptq_damp_used"] = res.damp_used
+        q.metrics["gptq_dead_channels"] = res.dead_channels
+        q.metrics["gptq_grid_mismatches"] = res.grid_mismatches
+        if metrics:
+            w_rtn = kernels.dequantize(p_rtn, s_rtn, g_w, dtype=torch.float32)
+            w_gq = kernels.dequantize(q.weight_packed.to(dev), s_rtn, g_w, dtype=torch.float32)
+            ref = output_error(w, h)
+            q.metrics["mse_gptq"] = float((w - w_gq).square().mean())
+            q.metrics["out_err_rtn"] = output_error(w - w_rtn, h) / ref if ref > 0 else 0.0
+            q.metrics["out_err_gptq"] = output_error(w - w_gq, h) / ref if ref > 0 else 0.0

@@ -253,6 +253,7 @@ def write_checkpoint(
     source_dir: Path | None,
     source_name: str,
     calibration: dict,
+    gptq: dict | None = None,
 ) -> dict:
     """Write the whole checkpoint into ``out`` (a staging directory). Returns the
     scalesweep.json content."""
@@ -286,6 +287,7 @@ def write_checkpoint(
         "attention": attention,
         "ignore": list(ignore),
         "calibration": calibration,
+        "gptq": gptq or {"enabled": False},
         "weight_files": files,
         "source_model": source_name,
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

@@ -1,0 +1,287 @@
+"""GPTQ on fixed ScaleSweep block scales (``scalesweep-quantize --gptq``).
+
+The math
+--------
+For a Linear ``y = x W^T`` (``W`` is ``[N, K]``) and calibration inputs ``X``
+(``[n, K]``, all tokens), the layer-output error of a quantized ``W_q`` is
+
+    ||X W^T - X W_q^T||_F^2 = sum_rows (w - w_q) H (w - w_q)^T,   H = X^T X,
+
+a quadratic form in each row with the *same* ``H`` for every row (and for fused
+partners, which share their input: q/k/v and gate/up quantize as one ``[N, K]``
+matrix with one ``H``). We keep ``H / n = E[x x^T]`` (scaling does not change the
+minimiser; its diagonal is today's WMSE weight ``E[x^2]``).
+
+GPTQ (Frantar et al., 2022; the OBQ update) quantizes the columns in order
+``0..K-1``. When column ``j`` is rounded to ``q_j`` the rows' remaining columns
+``j+1..K-1`` are moved to absorb the error, the least-squares optimum given the
+columns fixed so far:
+
+    e_j = (w_j - q_j) / U_jj,      w_{j+1:} <- w_{j+1:} - e_j U_{j, j+1:},
+
+where ``U`` is the upper Cholesky factor of ``H^{-1}`` (``H^{-1} = U^T U``): row
+``j`` of ``U`` divided by ``U_jj`` is the first row of the inverse Hessian of the
+columns not yet quantized, so one factorisation serves all ``K`` steps. Lazy
+batching (GPTQ's ``blocksize``): the update is applied at once inside a batch of
+``B`` columns and to the columns after it as one matrix product
+``W_{:, i2:} -= E U_{i1:i2, i2:}``; the result is the same as column by column.
+
+Why the scales stay fixed: an NVFP4 block scale covers 16 consecutive columns of a
+row, so it must be known before the first of them is rounded, and changing it
+after the error feedback started would invalidate the feedback. ScaleSweep picks
+each block's FP8 scale first, on the original weights (the chosen objective; WMSE
+weighs channel ``i`` by ``H_ii / n = E[x_i^2]``), with the fused group's shared
+global scale, exactly as the round-to-nearest (RTN) path does. GPTQ then only
+changes which point of each block's fixed grid ``{(v/G) q : q in E2M1}`` a weight
+takes: every written weight is a code with its block's scale, and the block scales
+in the checkpoint are the pre-GPTQ ScaleSweep scales. Rounding is the reference's
+arithmetic (``round_e2m1(w * (G / v)) * (v / G)``), and the written codes come from
+:func:`scalesweep_vllm.sweep.quantize_codes` on the pre-rounding values, so they are
+the reference's codes (a count of disagreements with the loop is kept: 0 expected).
+
+Damping and dead channels (as GPTQ): a channel that never saw a non-zero input
+(``H_ii = 0``) cannot affect the output on the calibration data: its weight column
+is set to 0 and ``H_ii`` to 1. Then ``H += lambda I`` with ``lambda = damp *
+mean(diag H)`` (``damp`` default 0.01): it makes ``H`` positive definite when
+inputs are linearly dependent (duplicate channels, fewer tokens than channels) and
+limits how far the error feedback can push weights. If the Cholesky factorisation
+still fails (fp32 round-off), the damping is multiplied by 10, up to 4 times.
+
+Activation order (``actorder``, off by default): GPTQ's reordering of columns by
+decreasing ``H_ii``, restricted to whole 16-column blocks (blocks ordered by the
+sum of their ``H_ii``) so that every block keeps its scale.
+
+State: ``H`` is accumulated in float32 (``addmm`` per calibration batch of a few
+thousand tokens; its entries are sums of positive-and-negative products, and the
+float32 relative error, ~1e-6 per batch, is far below the 1% damping), and the
+algorithm runs in float32 on the device of the layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .. import nvfp4, sweep
+from ..nvfp4 import BLOCK_SIZE
+
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "DEFAULT_DAMP",
+    "GPTQConfig",
+    "GPTQResult",
+    "gptq_quantize",
+    "memory_estimate",
+    "output_error",
+]
+
+DEFAULT_DAMP = 0.01
+DEFAULT_BLOCK_SIZE = 128
+#: Dtype of the accumulated H (see the module docstring).
+HESSIAN_DTYPE = torch.float32
+_DAMP_RETRIES = 4
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """GPTQ settings; recorded in ``scalesweep.json``.
+
+    ``damp``: relative damping (fraction of mean diag H). ``block_size``: columns per
+    lazy batch (a multiple of 16). ``sequential``: each decoder layer's calibration
+    inputs come from the already quantized previous layers (else from the original
+    model). ``actorder``: block-level activation order.
+    """
+
+    damp: float = DEFAULT_DAMP
+    block_size: int = DEFAULT_BLOCK_SIZE
+    sequential: bool = True
+    actorder: bool = False
+
+    def __post_init__(self):
+        if not (isinstance(self.damp, (int, float)) and math.isfinite(self.damp)):
+            raise ValueError(f"gptq damp must be a finite number, got {self.damp!r}")
+        if not 0 < self.damp <= 10:
+            raise ValueError(f"gptq damp must be in (0, 10], got {self.damp}")
+        if self.block_size < BLOCK_SIZE or self.block_size % BLOCK_SIZE:
+            raise ValueError(
+                f"gptq block_size must be a positive multiple of {BLOCK_SIZE}, "
+                f"got {self.block_size}"
+            )
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["inputs"] = "quantized" if self.sequential else "original"
+        d["hessian_dtype"] = str(HESSIAN_DTYPE).replace("torch.", "")
+        return d
+
+    @classmethod
+    def parse(cls, gptq) -> GPTQConfig | None:
+        """``False``/None -> None; ``True`` -> defaults; a dict or a GPTQConfig as is."""
+        if gptq is None or gptq is False:
+            return None
+        if gptq is True:
+            return cls()
+        if isinstance(gptq, cls):
+            return gptq
+        if isinstance(gptq, dict):
+            unknown = set(gptq) - {"damp", "block_size", "sequential", "actorder"}
+            if unknown:
+                raise ValueError(f"unknown gptq settings {sorted(unknown)}")
+            return cls(**gptq)
+        raise TypeError(f"gptq must be a bool, a dict or a GPTQConfig, got {type(gptq).__name__}")
+
+
+@dataclass
+class GPTQResult:
+    """Codes (uint8 [N, K], unpacked) on the fixed scales, and what happened."""
+
+    codes: torch.Tensor
+    damp_used: float
+    dead_channels: int
+    grid_mismatches: int  # loop rounding vs the reference's codes: 0 expected
+
+
+def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``sum_rows delta H delta^T`` (= ||X delta^T||^2 / n for ``H = X^T X / n``)."""
+    d = delta.to(torch.float32)
+    return float(((d @ hessian.to(torch.float32)) * d).sum())
+
+
+def _factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + lambda I)^-1, raising the damping if needed."""
+    mean_diag = float(h.diagonal().mean())
+    for attempt in range(_DAMP_RETRIES + 1):
+        d = damp * 10**attempt
+        hd = h.clone()
+        hd.diagonal().add_(d * mean_diag)
+        chol, info = torch.linalg.cholesky_ex(hd)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(chol)
+            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0 and bool(torch.isfinite(u).all()):
+                return u, d
+    raise ValueError(
+        f"GPTQ: the Hessian is not positive definite even with damping {d:g} x mean diag"
+    )
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    global_scale: torch.Tensor | float,
+    hessian: torch.Tensor,
+    damp: float = DEFAULT_DAMP,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    actorder: bool = False,
+) -> GPTQResult:
+    """GPTQ of ``weight`` [N, K] onto the NVFP4 grid of fixed ``scales`` [N, K/16]
+    (float8_e4m3fn) and ``global_scale``, with ``hessian`` [K, K] ~ E[x x^T]
+    (module docstring). Returns the E2M1 codes; pack with :func:`nvfp4.pack_fp4`."""
+    n, k = weight.shape
+    if k % BLOCK_SIZE or tuple(scales.shape) != (n, k // BLOCK_SIZE):
+        raise ValueError(f"scales {tuple(scales.shape)} do not match weight {(n, k)}")
+    if tuple(hessian.shape) != (k, k):
+        raise ValueError(f"hessian {tuple(hessian.shape)} does not match in_features {k}")
+    dev = weight.device
+    w = weight.detach().to(torch.float32).clone()
+    h = hessian.detach().to(dev, torch.float32).clone()
+    if not bool(torch.isfinite(h).all()):
+        raise ValueError("GPTQ: the Hessian has NaN/Inf entries (non-finite activations)")
+    if float(h.diagonal().max()) <= 0:
+        raise ValueError("GPTQ: the Hessian is zero (the layer saw no non-zero input)")
+    dead = h.diagonal() <= 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    g = torch.as_tensor(global_scale, dtype=torch.float32, device=dev).reshape(())
+    v = scales.to(dev).to(torch.float32)
+    # the reference's arithmetic (sweep.quantize_codes): r = x * (G / v), decode (v / G) q
+    inv = g / v.clamp(min=2.0**-9)
+    step = v / g
+    bperm = None
+    if actorder:
+        bperm = torch.argsort(h.diagonal().view(-1, BLOCK_SIZE).sum(1), descending=True)
+        perm = (bperm[:, None] * BLOCK_SIZE + torch.arange(BLOCK_SIZE, device=dev)).flatten()
+        w, h = w[:, perm], h[perm][:, perm]
+        inv, step = inv[:, bperm], step[:, bperm]
+    u, damp_used = _factor(h, damp)
+    del h
+    pre = torch.empty_like(w)  # each column's value when it was rounded
+    qv = torch.empty_like(w)
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        w1 = w[:, i1:i2].clone()
+        err = torch.empty_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            b = (i1 + i) // BLOCK_SIZE
+            x = w1[:, i]
+            q = nvfp4.round_e2m1(x * inv[:, b]) * step[:, b]
+            pre[:, i1 + i] = x
+            qv[:, i1 + i] = q
+            e = (x - q) / u1[i, i]
+            err[:, i] = e
+            w1[:, i + 1 :].addr_(e, u1[i, i + 1 :], alpha=-1.0)
+        if i2 < k:
+            w[:, i2:].addmm_(err, u[i1:i2, i2:], alpha=-1.0)
+    if bperm is not None:
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(k, device=dev)
+        pre, qv = pre[:, inverse], qv[:, inverse]
+    codes = sweep.quantize_codes(pre, g, scales.to(dev))
+    ref = sweep.quantize_dequantize(pre, g, scales.to(dev))
+    mismatches = int((ref != qv).sum())
+    return GPTQResult(codes, damp_used, int(dead.sum()), mismatches)
+
+
+def _linear_shapes(config) -> tuple[int, list[tuple[int, int]]]:
+    """(decoder layers, per-layer fused groups as (rows, in_features)) of a Llama-like
+    config: q/k/v share one H, gate/up one, o and down their own."""
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    hd = getattr(config, "head_dim", None) or hidden // heads
+    inter = config.intermediate_size
+    groups = [
+        ((heads + 2 * kv) * hd, hidden),  # q+k+v
+        (hidden, heads * hd),  # o
+        (2 * inter, hidden),  # gate+up
+        (hidden, inter),  # down
+    ]
+    return config.num_hidden_layers, groups
+
+
+def memory_estimate(config, tokens: int, compute_bytes: int = 2) -> dict:
+    """Bytes the GPTQ pipeline holds, from the shapes (Llama-like ``config``).
+
+    Host: the model in bf16 (2 B per parameter: embeddings, head, all layers).
+    Device, at one time: one decoder layer in the compute dtype (``compute_bytes``),
+    the calibration hidden states (``tokens x hidden``, compute dtype, inputs kept
+    and outputs written in place), the layer's H matrices (float32, one per fused
+    group, as :mod:`.calibration` keeps them), and the working set of GPTQ on the
+    largest group: the damped copy of H, its Cholesky factor and inverse factor
+    (3 x K^2 float32, transient) and the weight, pre-rounding and rounded values
+    (3 x N x K float32).
+    """
+    layers, groups = _linear_shapes(config)
+    layer_params = sum(r * c for r, c in groups)
+    norm_params = 2 * config.hidden_size
+    vocab = config.vocab_size
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    total = layers * (layer_params + norm_params) + vocab * config.hidden_size * (1 if tied else 2)
+    # q/k/v and gate/up share their H: distinct inputs are hidden (twice: qkv, gate_up),
+    # heads*hd (o) and inter (down)
+    hessians = (2 * config.hidden_size**2 + groups[1][1] ** 2 + groups[3][1] ** 2) * 4
+    work = max(3 * c * c * 4 + 3 * r * c * 4 for r, c in groups)
+    activations = tokens * config.hidden_size * compute_bytes
+    layer_bytes = (layer_params + norm_params) * compute_bytes
+    return {
+        "params": total,
+        "host_model_bytes": total * 2,
+        "device_layer_bytes": layer_bytes,
+        "device_activation_bytes": activations,
+        "device_hessian_bytes": hessians,
+        "device_gptq_work_bytes": work,
+        "device_peak_bytes": layer_bytes + activations + hessians + work,
+    }
