@@ -9,7 +9,7 @@
 #
 # Outputs (few files: the device tool brings back at most 8): gpu_suite.log (every
 # step's output), summary.txt (one line per step), bench_quant.json, ptx_report.json,
-# bench_quantizer.json, bench_vllm_absmax.json (only where vLLM runs).
+# bench_quantizer.json, bench_vllm_absmax.json (only where vLLM runs), bench_gptq_gpu.json.
 #
 # To add a step, append a line `step NAME SECONDS command args...` in the STEPS
 # section below and keep the total of the SECONDS under 570. A failing step does not
@@ -49,7 +49,7 @@ step environment 30 bash -c '(nvidia-smi --query-gpu=name,driver_version,memory.
 # GPU tests: only the files named here are collected, so no module that imports vLLM
 # is ever imported (add your GPU test files to this list).
 GPU_TESTS="tests/test_kernels_gpu.py"
-step gpu_tests 210 "$PY" -m pytest -q -m gpu -p no:cacheprovider $GPU_TESTS
+step gpu_tests 175 "$PY" -m pytest -q -m gpu -p no:cacheprovider $GPU_TESTS
 
 step bench_quant 150 "$PY" benchmarks/bench_quant.py --check --out "$OUT"
 
@@ -65,6 +65,11 @@ step bench_quantizer 80 "$PY" benchmarks/bench_quantizer.py --end-to-end --num-s
 # Needs vLLM, and vLLM 0.33 runs that kernel on SM100-SM121 only: elsewhere (the lent
 # Hopper machines have no vLLM) it prints one "skipped" line and passes in seconds.
 step bench_vllm_absmax 30 "$PY" benchmarks/bench_vllm_absmax.py --out "$OUT"
+
+# GPTQ on ScaleSweep scales (quantize --gptq, issue 17): per Llama-3.2-1B-shaped decoder
+# layer (random weights, random positive definite H), RTN vs GPTQ through quantize_group
+# on the device; 2 timed layers + 1 warm-up: seconds per billion quantized parameters.
+step bench_gptq_gpu 40 "$PY" benchmarks/bench_gptq_gpu.py --layers 2 --out "$OUT"
 
 # (append further steps here)
 # ----------------------------------------------------------------- END STEPS
