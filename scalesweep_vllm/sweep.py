@@ -62,6 +62,8 @@ synchronise with the host, give unspecified codes (as for NaN input).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .nvfp4 import (
@@ -92,6 +94,7 @@ __all__ = [
     "absmax_scales",
     "block_errors",
     "candidate_errors",
+    "check_global_scale",
     "four_over_six_scales",
     "quantize_codes",
     "quantize_dequantize",
@@ -125,6 +128,25 @@ WEIGHT_FLUSH = 2.0**-40
 # ---------------------------------------------------------------------------
 
 
+def check_global_scale(g: float) -> None:
+    """Raise ``ValueError`` unless ``g`` is a normal fp32 number in ``[2^-117, 2^115]``
+    (the sweep's domain, module docstring). Also used by the kernel launchers on
+    host-side global scales."""
+    if not math.isfinite(g) or g <= 0:
+        raise ValueError(f"global_scale must be finite and > 0, got {g}")
+    if g > GLOBAL_SCALE_MAX:
+        raise ValueError(
+            f"global_scale {g:.3e} exceeds {GLOBAL_SCALE_MAX:.3e}: the tensor is "
+            "effectively zero; use nvfp4.global_scale(), which caps it"
+        )
+    if g < GLOBAL_SCALE_MIN:
+        raise ValueError(
+            f"global_scale {g:.3e} is below {GLOBAL_SCALE_MIN:.3e} (2^-117; fp32 "
+            "subnormals start at 1.2e-38): G / 448 would be subnormal and the sweep inexact; "
+            "use nvfp4.global_scale(), which clamps it"
+        )
+
+
 def validate(
     x: torch.Tensor,
     global_scale: torch.Tensor | float,
@@ -152,19 +174,7 @@ def validate(
     if g.numel() != 1:
         raise ValueError(f"global_scale must hold one number, got shape {tuple(g.shape)}")
     g = g.reshape(())
-    if not bool(torch.isfinite(g)) or float(g) <= 0:
-        raise ValueError(f"global_scale must be finite and > 0, got {float(g)}")
-    if float(g) > GLOBAL_SCALE_MAX:
-        raise ValueError(
-            f"global_scale {float(g):.3e} exceeds {GLOBAL_SCALE_MAX:.3e}: the tensor is "
-            "effectively zero; use nvfp4.global_scale(), which caps it"
-        )
-    if float(g) < GLOBAL_SCALE_MIN:
-        raise ValueError(
-            f"global_scale {float(g):.3e} is below {GLOBAL_SCALE_MIN:.3e} (2^-117; fp32 "
-            "subnormals start at 1.2e-38): G / 448 would be subnormal and the sweep inexact; "
-            "use nvfp4.global_scale(), which clamps it"
-        )
+    check_global_scale(float(g))
     if x.numel():
         y_max = float(x.detach().abs().max().float() * g)
         if not y_max <= SCALED_MAX:
@@ -183,8 +193,8 @@ def validate(
                 f"weight of shape {tuple(weight.shape)} does not broadcast to "
                 f"{name} of shape {tuple(x.shape)}"
             ) from err
-        if weight.numel() and not torch.isfinite(weight).all():
-            raise ValueError("weight contains NaN or Inf")
+        if weight.numel() and not torch.isfinite(weight.detach().float()).all():
+            raise ValueError("weight contains NaN or Inf (or exceeds the fp32 range)")
         if weight.numel() and bool((weight < 0).any()):
             raise ValueError("weight must be >= 0 (it weighs squared errors)")
     return g, weight

@@ -8,6 +8,7 @@ the kernels, so other test modules that import Triton normally are unaffected.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -203,8 +204,85 @@ def test_huge_values_exact(method, table):
         x = (base / base.abs().max() * scale).to(dtype)
         g = nvfp4.global_scale(x.float().abs().max())
         check_exact(x, g, method, w)
-    x = base * 1e-3
-    check_exact(x, torch.tensor([2.0**100]), method, w)  # scales far below the smallest fp8
+    # huge global scale, tiny tensor: FP8 subnormal block scales, some elements flushed
+    x = base * 2.0**-106
+    check_exact(x, torch.tensor([2.0**100]), method, w)
+
+
+@pytest.mark.parametrize("method", ["mse", "wmse"])
+def test_domain_edges_exact(method):
+    """The edges of the accepted domain (sweep module docstring), accepted and exact:
+    G = 2^-117 and 2^115, max|x| * G = 2^50, a block whose squared error underflowed
+    (exact on one grid plus 2^-69.5), WMSE weights at extreme scales (normalised per
+    block by a power of two, subnormals included)."""
+    gen = torch.Generator().manual_seed(23)
+    base = torch.randn(4, 64, generator=gen)
+    base = base / base.abs().max()
+    w = _weight(64, gen) if method == "wmse" else None
+    check_exact(base * 2.0**120, torch.tensor([nvfp4.GLOBAL_SCALE_MIN]), method, w, fake=False)
+    check_exact(base * 2.0**-110, torch.tensor([nvfp4.GLOBAL_SCALE_MAX]), method, w, fake=False)
+    check_exact(base * 2.0**50, torch.tensor([1.0]), method, w, fake=False)
+    tiny = torch.tensor([[64.0, 128.0, 192.0, 64.0] * 3 + [128.0, 192.0, 64.0, 2.0**-69.5]])
+    check_exact(tiny, torch.tensor([1.0]), method, None if w is None else w[:16])
+    if method == "wmse":
+        w8 = torch.randint(0, 81, (64,), generator=gen) / 8.0
+        ref = dispatch.quantize(base, 1536.0, "wmse", w8, backend="triton")[1].view(torch.uint8)
+        for scale in (2.0**-140, 2.0**120, 1e-44, 1e36):
+            _, s = check_exact(base, torch.tensor([1536.0]), "wmse", w8 * scale, fake=False)
+            if math.log2(scale).is_integer():
+                assert torch.equal(s.view(torch.uint8), ref)
+
+
+def test_global_scale_rejected_on_host():
+    """A host-side global scale outside [2^-117, 2^115] (or not finite) is refused by the
+    launcher, with the reference's messages; decoding takes any scale."""
+    x = torch.randn(2, 32)
+    for g, match in ((1.4e-45, "below"), (2.0**-118, "below"), (2.0**116, "exceeds")):
+        for method in ("absmax", "mse"):
+            with pytest.raises(ValueError, match=match):
+                dispatch.quantize(x, g, method, backend="triton")
+            with pytest.raises(ValueError, match=match):
+                dispatch.quantize(x, torch.tensor([g]), method, backend="torch")
+    with pytest.raises(ValueError, match="finite"):
+        dispatch.fake_quantize(x, float("nan"), backend="triton")
+    p, s = dispatch.quantize(x, 1.0, backend="torch")
+    dispatch.dequantize(p, s, 2.0**-120, torch.float32, backend="triton")
+
+
+#: tests/test_sweep.py::C0_126_BLOCK: AbsMax code 126, exact MSE optimum 122 (< c0 - 3).
+C0_126_BLOCK = [
+    2592.79233652, 1981.95424996, 1215.56451101, 1973.07044441, 1952.22350199,
+    1993.10240380, 2010.68039110, 1940.72532769, 1952.64533899, 1998.15244066,
+    2092.44321121, 1959.44022403, 1970.37141566, 1919.82471967, 1945.70484924,
+    1998.76496524,
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("table", [True, False], indirect=True, ids=["table", "divide"])
+def test_top_of_range_exact(table):
+    """Unsaturated blocks at AbsMax codes 120..126 (others clustered at 0.6-0.9 of the
+    maximum; tests/test_sweep.py::top_of_range_blocks), and the c0 = 126 block whose
+    optimum lies below c0 - 3 (found by the MSE sweep's second stage)."""
+    fp8 = nvfp4.fp8_values()
+    gen = torch.Generator().manual_seed(41)
+    rows = []
+    for c0 in range(120, 127):
+        v = fp8[c0]
+        lo = (fp8[c0 - 1] + v) / 2
+        hi = (fp8[c0 + 1] + v) / 2 if c0 < 126 else 448 * 1.01
+        m = 6 * (lo + (hi - lo) * torch.rand(32, 1, generator=gen))
+        rest = (
+            m
+            * (0.6 + 0.3 * torch.rand(32, 1, generator=gen))
+            * (1 + 0.1 * (torch.rand(32, 15, generator=gen) - 0.5))
+        )
+        rows.append(torch.cat([rest[:, :7], m, rest[:, 7:]], 1))
+    rows.append(torch.tensor([C0_126_BLOCK] * 32))
+    x = torch.cat(rows).reshape(-1, 64)
+    g = torch.tensor([1.0])
+    _, scales = check_exact(x, g, "mse")
+    assert int(scales.view(torch.uint8).flatten()[-1]) == 122
+    check_exact(x, g, "wmse", _weight(64, gen), fake=False)
 
 
 def test_wmse_zero_weights_exact():

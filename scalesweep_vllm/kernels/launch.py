@@ -12,9 +12,10 @@ The forward-path operations are also registered as ``torch.library`` custom ops
 ``scalesweep::nvfp4_dequantize``) with fake implementations, so that vLLM's
 torch.compile and CUDA graphs see through them.
 
-Data-dependent checks (NaN/Inf in x, the global scale's range) are done by the
-torch reference only: the kernels never synchronize with the host. NaN/Inf input
-gives unspecified codes here.
+Data-dependent checks (NaN/Inf in x, ``max|x| * G <= 2^50``) are done by the torch
+reference only: the kernels never synchronize with the host. Input outside the
+sweep's domain (:mod:`scalesweep_vllm.sweep` docstring) gives unspecified codes
+here. The global scale's own range is checked where its value is on the host.
 """
 
 import importlib
@@ -26,6 +27,7 @@ from typing import Optional
 import torch
 
 from ..nvfp4 import BLOCK_SIZE
+from ..sweep import check_global_scale
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -117,10 +119,20 @@ def _check_x(x: torch.Tensor) -> None:
         )
 
 
-def _global_scale(global_scale, device) -> torch.Tensor:
+def _global_scale(global_scale, device, check: bool = True) -> torch.Tensor:
+    """G as a contiguous fp32 [1] tensor on ``device``. Where its value is on the host
+    (a Python number, or a CPU tensor for a CPU launch) it is checked against the
+    sweep's domain (:func:`scalesweep_vllm.sweep.check_global_scale`): a normal fp32
+    number in [2^-117, 2^115] (``check``: quantizing; decoding needs no such range).
+    A CUDA global scale is not read (no host sync)."""
+    on_host = not isinstance(global_scale, torch.Tensor) or (
+        global_scale.device.type == "cpu" and torch.device(device).type == "cpu"
+    )
     g = torch.as_tensor(global_scale, dtype=torch.float32, device=device)
     if g.numel() != 1:
         raise ValueError(f"global_scale must hold one number, got shape {tuple(g.shape)}")
+    if check and on_host:
+        check_global_scale(float(g.reshape(())))
     return g.reshape(1).contiguous()
 
 
@@ -275,7 +287,7 @@ def dequantize_impl(packed, scales, global_scale, dtype=torch.bfloat16, config=N
     k = packed.shape[-1] * 2
     p2 = packed.reshape(-1, k // 2).contiguous()
     s2 = scales.view(torch.uint8).reshape(-1, k // BLOCK_SIZE).contiguous()
-    g = _global_scale(global_scale, packed.device)
+    g = _global_scale(global_scale, packed.device, check=False)
     m = p2.shape[0]
     out = torch.empty((m, k), dtype=dtype, device=packed.device)
     n_blocks = m * (k // BLOCK_SIZE)
@@ -379,5 +391,5 @@ def fake_quantize(x, global_scale, method="mse", weight=None):
 
 
 def dequantize(packed, scales, global_scale, dtype=torch.bfloat16):
-    g = _global_scale(global_scale, packed.device)
+    g = _global_scale(global_scale, packed.device, check=False)
     return nvfp4_dequantize(packed, scales, g, dtype)

@@ -38,11 +38,16 @@ ABSMAX: tl.constexpr = tl.constexpr(0)
 MSE: tl.constexpr = tl.constexpr(1)
 WMSE: tl.constexpr = tl.constexpr(2)
 
-# Reference constants (sweep.py): UPPER_OFFSET 7, MSE_LOWER_OFFSET 3, margin 2^-8.
+# Reference constants (sweep.py): UPPER_OFFSET 7, MSE_STAGE1_OFFSET 3, margin 2^-8,
+# FLUSH_SCALED 2^-12, WEIGHT_FLUSH 2^-40.
 UPPER_OFFSET: tl.constexpr = tl.constexpr(7)
-MSE_LOWER_OFFSET: tl.constexpr = tl.constexpr(3)
+MSE_STAGE1_OFFSET: tl.constexpr = tl.constexpr(3)
 MARGIN_UP: tl.constexpr = tl.constexpr(1.00390625)  # 1 + 2^-8, exact in fp32
 MARGIN_DOWN: tl.constexpr = tl.constexpr(0.99609375)  # 1 - 2^-8, exact in fp32
+FLUSH_SCALED: tl.constexpr = tl.constexpr(0.000244140625)  # 2^-12
+WEIGHT_FLUSH: tl.constexpr = tl.constexpr(9.094947017729282e-13)  # 2^-40
+TWO_P64: tl.constexpr = tl.constexpr(18446744073709551616.0)  # 2^64
+TWO_M64: tl.constexpr = tl.constexpr(5.421010862427522e-20)  # 2^-64
 
 
 # ---------------------------------------------------------------------------
@@ -224,6 +229,46 @@ def _clip_part(a, w, g, e_ref):
 
 
 @triton.jit
+def _norm_w(w, pre, inv):
+    """sweep._normalize_weights on one quarter: (w * 2^+-64 or 1) * 2^-e, small ones 0."""
+    wn = (w * pre[:, None]) * inv[:, None]
+    return tl.where(wn < WEIGHT_FLUSH, 0.0, wn)
+
+
+@triton.jit
+def _flush(a, g):
+    """sweep._flush_scaled: elements with a * G < 2^-12 cost the same at every code."""
+    return tl.where(a * g < FLUSH_SCALED, 0.0, a)
+
+
+@triton.jit
+def _sweep_range(
+    a0, a1, a2, a3, w0, w1, w2, w3, g, tab_ptr, lo, hi,
+    HAS_W: tl.constexpr, HW_E2M1: tl.constexpr, USE_TABLE: tl.constexpr, BM: tl.constexpr,
+):  # fmt: skip
+    """sweep._argmin_over_codes: smallest code in [lo, hi] with the smallest E', and
+    that E' (lo and inf where the range is empty). The trip count is the tile's
+    widest range; a while loop, since Triton 3.6's interpreter cannot take a tensor
+    as range() bound under numpy >= 2.4 (int() of a 1-element array)."""
+    span = tl.reduce(hi - lo, 0, _max_combine) + 1
+    best = lo
+    best_err = tl.full([BM], float("inf"), tl.float32)
+    k = span * 0  # an int32 scalar like span (a Python 0 would change type in the loop)
+    while k < span:
+        code = lo + k
+        valid = code <= hi
+        err = _candidate_err(
+            a0, a1, a2, a3, w0, w1, w2, w3, g, tl.where(valid, code, lo), tab_ptr,
+            HAS_W, HW_E2M1, USE_TABLE, BM,
+        )  # fmt: skip
+        better = valid & (err < best_err)
+        best_err = tl.where(better, err, best_err)
+        best = tl.where(better, code, best)
+        k += 1
+    return best, best_err
+
+
+@triton.jit
 def _with_sign(mag, neg):
     """``mag`` (>= 0, fp32) with its sign bit set where ``neg`` (0/1): bit-exact -0.0.
     Triton before 3.7 lowers unary minus to ``0 - x``, which turns -0.0 into +0.0."""
@@ -317,25 +362,44 @@ def quant_kernel(
     a3 = tl.abs(x3)
     g = tl.load(g_ptr)
     HAS_W: tl.constexpr = METHOD == WMSE
+    if METHOD != ABSMAX:
+        # the objective's inputs (sweep._objective); the codes of flushed elements are 0
+        # either way, so encoding from the flushed magnitudes is exact
+        a0 = _flush(a0, g)
+        a1 = _flush(a1, g)
+        a2 = _flush(a2, g)
+        a3 = _flush(a3, g)
     if HAS_W:
         wbase = (blk % n_wblocks) * 16  # ((row % P) * K / 16 + block in row) * 16
         w0 = _load_w(w_ptr, wbase, 0, bmask)
         w1 = _load_w(w_ptr, wbase, 1, bmask)
         w2 = _load_w(w_ptr, wbase, 2, bmask)
         w3 = _load_w(w_ptr, wbase, 3, bmask)
+        # per-block normalisation by a power of two (sweep._normalize_weights)
+        wmax = tl.maximum(
+            tl.maximum(_rowmax(w0), _rowmax(w1)), tl.maximum(_rowmax(w2), _rowmax(w3))
+        )
+        pre = tl.where(wmax < TWO_M64, TWO_P64, tl.where(wmax >= TWO_P64, TWO_M64, 1.0))
+        e = (((wmax * pre).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        inv = ((127 - e) << 23).to(tl.float32, bitcast=True)
+        w0 = _norm_w(w0, pre, inv)
+        w1 = _norm_w(w1, pre, inv)
+        w2 = _norm_w(w2, pre, inv)
+        w3 = _norm_w(w3, pre, inv)
     else:
         w0 = a0  # unused
         w1 = a1
         w2 = a2
         w3 = a3
 
-    # AbsMax code c0 = fp8_rne(min((amax / 6) * G, 448)), floored at 1.
+    # AbsMax code c0 = fp8_rne(min((amax / 6) * G, 448)), floored at 1 (the flush does
+    # not change it: a flushed maximum gives code 0 -> 1 as well).
     amax = tl.maximum(tl.maximum(_rowmax(a0), _rowmax(a1)), tl.maximum(_rowmax(a2), _rowmax(a3)))
     t0 = tl.minimum(tl.div_rn(amax, tl.full([BM], 6.0, tl.float32)) * g, 448.0)
     c0 = tl.maximum(_fp8_rne_code(t0), 1)
     best = c0
     if METHOD != ABSMAX:
-        # Window [lo, hi] exactly as sweep._bounds_blocks.
+        # Stage 1 [lo, hi] exactly as sweep._stage1_blocks.
         hi = tl.where(c0 >= 8, tl.minimum(c0 + UPPER_OFFSET, 126), 15)
         ymax = amax * g  # == max(|x| * G): fp32 rounding is monotone
         # data-dependent upper bound: codes with v >= (max y / 3.5)(1 + margin) lose to v/2
@@ -363,22 +427,25 @@ def quant_kernel(
         lo = tl.where(pos, _fp8_ceil_code(tl.where(pos, t, 0.0)), 1)
         lo = tl.minimum(lo, c0)
         if not HAS_W:
-            lo = tl.maximum(lo, tl.maximum(c0 - MSE_LOWER_OFFSET, 1))
+            lo = tl.maximum(lo, tl.maximum(c0 - MSE_STAGE1_OFFSET, 1))
         lo = tl.where(bmask, lo, c0)  # padding blocks must not widen the loop
         hi = tl.where(bmask, hi, c0)
-        span = tl.reduce(hi - lo, 0, _max_combine) + 1
-        best = lo
-        best_err = tl.full([BM], float("inf"), tl.float32)
-        for k in range(0, span):
-            code = lo + k
-            valid = code <= hi
-            err = _candidate_err(
-                a0, a1, a2, a3, w0, w1, w2, w3, g, tl.where(valid, code, lo), tab_ptr,
+        best, best_err = _sweep_range(
+            a0, a1, a2, a3, w0, w1, w2, w3, g, tab_ptr, lo, hi, HAS_W, HW_E2M1, USE_TABLE, BM
+        )
+        if not HAS_W:
+            # Stage 2 [lo2, lo - 1] (sweep._sweep_blocks): the proven clipping bound
+            # against stage 1's best error; empty on almost every block.
+            clip2 = ymax - tl.sqrt_rn(best_err * MARGIN_UP)
+            t2 = tl.div_rn(clip2, tl.full([BM], 6.0, tl.float32)) * MARGIN_DOWN
+            pos2 = (t2 > 0) & (clip2 == clip2)
+            lo2 = tl.where(pos2, _fp8_ceil_code(tl.where(pos2, t2, 0.0)), 1)
+            lo2 = tl.where(bmask, tl.minimum(lo2, lo), lo)
+            best2, err2 = _sweep_range(
+                a0, a1, a2, a3, w0, w1, w2, w3, g, tab_ptr, lo2, lo - 1,
                 HAS_W, HW_E2M1, USE_TABLE, BM,
             )  # fmt: skip
-            better = valid & (err < best_err)
-            best_err = tl.where(better, err, best_err)
-            best = tl.where(better, code, best)
+            best = tl.where((lo2 < lo) & (err2 <= best_err), best2, best)
 
     # Encode with the chosen scale: r = |x| * (G / v), sign from x (-0.0 -> code 8).
     v = _fp8_value(best)
