@@ -1,13 +1,14 @@
 """Launch-side checks and backend choice: Triton (:mod:`.launch`) on CUDA tensors, the
-torch reference (:mod:`scalesweep_vllm.sweep`) elsewhere; both give identical codes,
-scales and values (tests/test_kernels.py)."""
+C++ CPU backend (:mod:`.cpu_backend`) on CPU tensors, the torch reference
+(:mod:`scalesweep_vllm.sweep`) where neither applies; all give identical codes, scales
+and values (tests/test_kernels.py, tests/test_kernels_cpu.py)."""
 
 from __future__ import annotations
 
 import torch
 
 from .. import nvfp4, sweep
-from . import launch
+from . import cpu_backend, launch
 
 METHODS = ("absmax", "mse", "wmse")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -16,8 +17,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _check(x: torch.Tensor, method: str, weight: torch.Tensor | None, backend: str) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"unknown backend {backend!r}; choose auto, torch or triton")
+    _check_backend(backend)
     if not isinstance(x, torch.Tensor) or x.dtype not in _DTYPES:
         raise TypeError(
             f"x must be a float32/float16/bfloat16 tensor, got {getattr(x, 'dtype', x)}"
@@ -28,10 +28,32 @@ def _check(x: torch.Tensor, method: str, weight: torch.Tensor | None, backend: s
         raise ValueError(f"method {method!r} takes no weight; use method='wmse'")
 
 
+_BACKENDS = ("auto", "torch", "triton", "cpu")
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {_BACKENDS}")
+
+
+def _use_cpu(device: torch.device, backend: str) -> bool:
+    """backend "auto": the C++ backend on CPU tensors when it built; "cpu": always
+    (RuntimeError where it cannot be had or the tensor is not on the CPU)."""
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise RuntimeError(f"backend='cpu' needs a CPU tensor, got one on {device}")
+        if not cpu_backend.available():
+            raise RuntimeError(
+                f"backend='cpu': the C++ CPU backend is unavailable ({cpu_backend.why()})"
+            )
+        return True
+    return backend == "auto" and device.type == "cpu" and cpu_backend.available()
+
+
 def _use_triton(device: torch.device, backend: str) -> bool:
     """backend "auto": Triton on CUDA tensors when triton is installed, torch otherwise;
     "triton": always (CPU tensors then need TRITON_INTERPRET=1, checked at launch)."""
-    if backend == "torch":
+    if backend in ("torch", "cpu"):
         return False
     if backend == "triton":
         return True
@@ -55,6 +77,10 @@ def quantize(
     _check(x, method, weight, backend)
     if _use_triton(x.device, backend):
         return launch.quantize(x, global_scale, method, weight)
+    if _use_cpu(x.device, backend):
+        got = cpu_backend.quantize(x, global_scale, method, weight)
+        if got is not None:
+            return got
     scales = _scales(x, global_scale, method, weight)
     codes = sweep.quantize_codes(x, global_scale, scales)
     return nvfp4.pack_fp4(codes), scales
@@ -68,10 +94,13 @@ def dequantize(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Decode packed NVFP4 in compressed-tensors' order: ``(v / G) * q``, then cast."""
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"unknown backend {backend!r}; choose auto, torch or triton")
+    _check_backend(backend)
     if _use_triton(packed.device, backend):
         return launch.dequantize(packed, scales, global_scale, dtype)
+    if _use_cpu(packed.device, backend):
+        got = cpu_backend.dequantize(packed, scales, global_scale, dtype)
+        if got is not None:
+            return got
     codes = nvfp4.unpack_fp4(packed)
     if scales.shape[-1] * nvfp4.BLOCK_SIZE != codes.shape[-1]:
         raise ValueError(f"scales {tuple(scales.shape)} do not match packed {tuple(packed.shape)}")
@@ -91,5 +120,9 @@ def fake_quantize(
     _check(x, method, weight, backend)
     if _use_triton(x.device, backend):
         return launch.fake_quantize(x, global_scale, method, weight)
+    if _use_cpu(x.device, backend):
+        got = cpu_backend.fake_quantize(x, global_scale, method, weight)
+        if got is not None:
+            return got
     scales = _scales(x, global_scale, method, weight)
     return sweep.quantize_dequantize(x, global_scale, scales).to(x.dtype)

@@ -1,0 +1,532 @@
+// NVFP4 AbsMax / ScaleSweep (MSE, WMSE) on the CPU, bit-exact with the torch
+// reference (scalesweep_vllm/sweep.py): the same fp32 operations in the same
+// order, compiled with -ffp-contract=off (no fused multiply-add) and without
+// fast-math, so every product, quotient and sum rounds as torch's do.
+//
+// Layout: 16 blocks of 16 elements form a tile. The sweep runs with one block per
+// vector lane (16 lanes of fp32), so the reference's pairwise tree sum over a
+// block's 16 terms is 15 vertical vector adds and every candidate costs about a
+// dozen vector operations per 16 elements. Encoding and decoding run in the natural
+// layout (one block per vector, one element per lane).
+//
+// Candidate windows. Stage 1 sweeps [max(c0 - 3, 1), hi] (c0 the AbsMax code, hi
+// sweep.py's proven upper bound); stage 2 sweeps [clip(E(best)), lo1 - 1] where
+// that is not empty (rare), clip(E) being sweep.py's proven clipping bound: no code
+// below it can tie or beat error E. Every code of the reference's windows (MSE:
+// its two stages; WMSE: [min(clip(E(c0)), c0), hi]) that this does not sweep lies
+// below clip(E(best)) and is strictly worse than best, and this sweeps no code
+// above hi; so both return the same code, the smallest of least error (the
+// exhaustive answer). tests/test_kernels_cpu.py checks codes, scales and values
+// bit for bit.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+typedef uint16_t vh __attribute__((vector_size(32)));
+
+constexpr int BS = 16;        // NVFP4 block size = lanes per vector = blocks per tile
+constexpr int MAX_CODE = 126; // largest finite positive FP8 E4M3 code
+constexpr float FP8_MAX = 448.0f;
+constexpr float FP4_MAX = 6.0f;
+// sweep.py constants (see its module docstring); the launcher checks they match.
+constexpr float MARGIN = 0x1p-8f;         // LOWER_BOUND_MARGIN
+constexpr float FLUSH_SCALED = 0x1p-12f;  // FLUSH_SCALED
+constexpr float WEIGHT_FLUSH = 0x1p-40f;  // WEIGHT_FLUSH
+constexpr int UPPER_OFFSET = 7;           // UPPER_OFFSET
+constexpr int STAGE1_OFFSET = 3;          // MSE_STAGE1_OFFSET
+
+inline vf splat(float s) { return vf{} + s; }
+inline vi splati(int32_t s) { return vi{} + s; }
+// a < b ? a : b and a > b ? a : b, which is what x86's min/max instructions compute
+// (GCC does not always see it through vector conditionals).
+#if defined(__AVX512F__)
+inline vf vmin(vf a, vf b) { return (vf)_mm512_min_ps((__m512)a, (__m512)b); }
+inline vf vmax(vf a, vf b) { return (vf)_mm512_max_ps((__m512)a, (__m512)b); }
+#else
+inline vf vmin(vf a, vf b) { return a < b ? a : b; }
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+#endif
+inline vi vmini(vi a, vi b) { return a < b ? a : b; }
+inline vi vmaxi(vi a, vi b) { return a > b ? a : b; }
+inline vf vabs(vf a) { return (vf)((vi)a & 0x7FFFFFFF); }
+inline int32_t hmax(vi a) {
+  int32_t m = a[0];
+  for (int j = 1; j < BS; ++j) m = a[j] > m ? a[j] : m;
+  return m;
+}
+
+inline vf vsqrt(vf a) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_sqrt_ps((__m512)a);
+#else
+  vf r;
+  for (int j = 0; j < BS; ++j) r[j] = std::sqrt(a[j]);
+  return r;
+#endif
+}
+
+inline int32_t bits_of(float f) { int32_t i; std::memcpy(&i, &f, 4); return i; }
+inline float float_of(int32_t i) { float f; std::memcpy(&f, &i, 4); return f; }
+
+// nvfp4.round_e2m1_magnitude for r >= 0 (rne(r / step) * step, saturated at 6).
+// (r + M) - M rounds r to a multiple of the fp32 spacing at M, ties to even. With
+// M = 2^22 * max(2^floor(log2 r), 1), that spacing is 0.5 below 2, 1 in [2, 4) and
+// 2 in [4, 8): the E2M1 step there, so this is exactly rne(r / step) * step. Above
+// 8 the spacing grows, the result stays >= 8 and saturates to 6, as in the
+// reference. M comes from r's exponent bits: max(bits & exponent, bits(1.0)) +
+// 22 in the exponent field.
+inline vf round_e2m1_mag(vf r) {
+  vf m = (vf)(vmaxi((vi)r & 0x7F800000, splati(0x3F800000)) + (22 << 23));
+  return vmin((r + m) - m, splat(FP4_MAX));
+}
+
+// FP8 E4M3 code -> fp32 value: 1..7 are k * 2^-9, 8e + j is 2^(e-7) (1 + j/8).
+inline float fp8_value(int32_t c) {
+  return c < 8 ? float(c) * 0x1p-9f : float_of((((c >> 3) + 120) << 23) | ((c & 7) << 20));
+}
+inline vf fp8_value_v(vi c) {
+  vf sub = __builtin_convertvector(c, vf) * 0x1p-9f;
+  vi nb = (((c >> 3) + 120) << 23) | ((c & 7) << 20);
+  return c < 8 ? sub : (vf)nb;
+}
+
+// nvfp4._fp8_floor_code on 16 lanes, for finite t >= 0: floor code, sign of
+// (t - midpoint to the next code), whether t is the code's value.
+inline vi fp8_floor_v(vf t, vi& rest_sign, vi& exact) {
+  vi b = (vi)t;
+  vi ncode = (((b >> 23) - 120) << 3) + ((b & 0x7FFFFF) >> 20);
+  vi rest = b & 0xFFFFF;
+  vi nsign = rest > 0x80000 ? splati(1) : (rest < 0x80000 ? splati(-1) : splati(0));
+  vf ts = t * 512.0f;                        // subnormal range: ts < 8
+  vf rn = (ts + 0x1p23f) - 0x1p23f;          // rne(ts)
+  vf fl = rn > ts ? rn - 1.0f : rn;          // floor(ts)
+  vf fr = ts - fl;
+  vi ssign = fr > 0.5f ? splati(1) : (fr < 0.5f ? splati(-1) : splati(0));
+  vi normal = t >= 0x1p-6f;
+  rest_sign = normal ? nsign : ssign;
+  exact = normal ? (rest == 0) : (fr == 0.0f);
+  return normal ? ncode : __builtin_convertvector(fl, vi);
+}
+inline vf clamp448(vf t) { return vmin(vmax(t, splat(0.0f)), splat(FP8_MAX)); }
+inline vi fp8_rne_code_v(vf t) {
+  vi rs, ex;
+  vi code = fp8_floor_v(clamp448(t), rs, ex);
+  vi up = (rs > 0) | ((rs == 0) & ((code & 1) == 1));
+  code = code - up;  // up is -1 where true
+  return vmaxi(vmini(code, splati(MAX_CODE)), splati(0));
+}
+inline vi fp8_ceil_code_v(vf t) {
+  vi rs, ex;
+  vi code = fp8_floor_v(clamp448(t), rs, ex);
+  code = code + (ex == 0 ? splati(1) : splati(0));
+  return vmaxi(vmini(code, splati(MAX_CODE)), splati(1));
+}
+
+// sweep._absmax_codes_blocks: max(fp8_rne(min((amax / 6) * G, 448)), 1).
+inline vi absmax_code_v(vf amax, vf g) {
+  vf t = vmin((amax / FP4_MAX) * g, splat(FP8_MAX));
+  return vmaxi(fp8_rne_code_v(t), splati(1));
+}
+
+// sweep.candidate_errors for one code per lane (lane = block): S * v^2, with S
+// the fixed pairwise tree sum of the 16 terms (d * d) * w.
+template <bool W>
+inline vf cand_err(const vf* A, const vf* Wt, vf g, vi code) {
+  vf v = fp8_value_v(code);
+  vf inv = g / v;
+  vf e[BS];
+  for (int i = 0; i < BS; ++i) {
+    vf r = A[i] * inv;
+    vf d = r - round_e2m1_mag(r);
+    e[i] = d * d;
+    if (W) e[i] = e[i] * Wt[i];
+  }
+  vf s0 = e[0] + e[1], s1 = e[2] + e[3], s2 = e[4] + e[5], s3 = e[6] + e[7];
+  vf s4 = e[8] + e[9], s5 = e[10] + e[11], s6 = e[12] + e[13], s7 = e[14] + e[15];
+  vf t0 = s0 + s1, t1 = s2 + s3, t2 = s4 + s5, t3 = s6 + s7;
+  return ((t0 + t1) + (t2 + t3)) * (v * v);
+}
+
+// sweep._clip_lo per lane: smallest code that can beat (or tie) error e_ref.
+template <bool W>
+inline vi clip_lo_v(const vf* A, const vf* Wt, vf g, vf e_ref) {
+  e_ref = e_ref * (1.0f + MARGIN);
+  vf clip;
+  if (!W) {
+    vf ym = A[0] * g;
+    for (int i = 1; i < BS; ++i) ym = vmax(ym, A[i] * g);
+    clip = ym - vsqrt(e_ref);
+  } else {
+    clip = splat(-std::numeric_limits<float>::infinity());
+    for (int i = 0; i < BS; ++i) {
+      vf c = A[i] * g - vsqrt(e_ref / Wt[i]);
+      clip = vmax(clip, Wt[i] > 0.0f ? c : splat(-std::numeric_limits<float>::infinity()));
+    }
+  }
+  vf t = (clip / FP4_MAX) * (1.0f - MARGIN);
+  return t > 0.0f ? fp8_ceil_code_v(vmax(t, splat(0.0f))) : splati(1);
+}
+
+// The 16 x 16 transpose (M[i][l] -> M[l][i]) by four butterfly stages: at distance
+// d, rows i and i + d swap their off-diagonal d x d blocks.
+template <int D>
+inline void transpose_stage(vf* M) {
+  constexpr vi lo = {
+      (0 & D) ? 16 + 0 - D : 0, (1 & D) ? 16 + 1 - D : 1, (2 & D) ? 16 + 2 - D : 2,
+      (3 & D) ? 16 + 3 - D : 3, (4 & D) ? 16 + 4 - D : 4, (5 & D) ? 16 + 5 - D : 5,
+      (6 & D) ? 16 + 6 - D : 6, (7 & D) ? 16 + 7 - D : 7, (8 & D) ? 16 + 8 - D : 8,
+      (9 & D) ? 16 + 9 - D : 9, (10 & D) ? 16 + 10 - D : 10, (11 & D) ? 16 + 11 - D : 11,
+      (12 & D) ? 16 + 12 - D : 12, (13 & D) ? 16 + 13 - D : 13, (14 & D) ? 16 + 14 - D : 14,
+      (15 & D) ? 16 + 15 - D : 15};
+  constexpr vi hi = {
+      (0 & D) ? 16 + 0 : 0 + D, (1 & D) ? 16 + 1 : 1 + D, (2 & D) ? 16 + 2 : 2 + D,
+      (3 & D) ? 16 + 3 : 3 + D, (4 & D) ? 16 + 4 : 4 + D, (5 & D) ? 16 + 5 : 5 + D,
+      (6 & D) ? 16 + 6 : 6 + D, (7 & D) ? 16 + 7 : 7 + D, (8 & D) ? 16 + 8 : 8 + D,
+      (9 & D) ? 16 + 9 : 9 + D, (10 & D) ? 16 + 10 : 10 + D, (11 & D) ? 16 + 11 : 11 + D,
+      (12 & D) ? 16 + 12 : 12 + D, (13 & D) ? 16 + 13 : 13 + D, (14 & D) ? 16 + 14 : 14 + D,
+      (15 & D) ? 16 + 15 : 15 + D};
+  for (int i = 0; i < BS; ++i) {
+    if (i & D) continue;
+    vf a = M[i], b = M[i + D];
+    M[i] = __builtin_shuffle(a, b, lo);
+    M[i + D] = __builtin_shuffle(a, b, hi);
+  }
+}
+inline void transpose16(vf* M) {
+  transpose_stage<8>(M);
+  transpose_stage<4>(M);
+  transpose_stage<2>(M);
+  transpose_stage<1>(M);
+}
+
+// sweep._normalize_weights, per lane (block) of transposed weights Wt[element].
+inline void normalize_weights_v(vf* Wt) {
+  vf wmax = Wt[0];
+  for (int i = 1; i < BS; ++i) wmax = vmax(wmax, Wt[i]);
+  vf pre = wmax < 0x1p-64f ? splat(0x1p64f) : (wmax >= 0x1p64f ? splat(0x1p-64f) : splat(1.0f));
+  vf m1 = wmax * pre;
+  vi e = (((vi)m1 >> 23) & 0xFF) - 127;
+  vf inv = (vf)((127 - e) << 23);
+  for (int i = 0; i < BS; ++i) {
+    vf wn = (Wt[i] * pre) * inv;
+    Wt[i] = wn < WEIGHT_FLUSH ? splat(0.0f) : wn;
+  }
+}
+
+struct Args {
+  int64_t nblocks, blocks_per_row, K, period;
+  float g;
+  int method;  // 0 absmax, 1 mse, 2 wmse
+  bool fake;
+  const float* w;  // [period, K] or null
+};
+
+// Sweep over codes [lo, hi] per lane; returns the smallest code of least error
+// (best/best_err updated only where strictly better, so earlier codes win ties).
+template <bool W>
+inline int32_t sweep_range(const vf* A, const vf* Wt, vf g, vi lo, vi hi, vi& best, vf& best_err) {
+  const int32_t span = hmax(hi - lo) + 1;
+  for (int32_t k = 0; k < span; ++k) {
+    vi code = lo + k;
+    vi valid = code <= hi;
+    code = valid ? code : lo;
+    vf err = cand_err<W>(A, Wt, g, code);
+    vi better = valid & (err < best_err);
+    best_err = better ? err : best_err;
+    best = better ? code : best;
+  }
+  return span;
+}
+
+// ScaleSweep codes of one tile. Xa: |x| of the 16 blocks, natural layout
+// ([block] = 16 elements); padding blocks are 0.
+template <bool W>
+vi sweep_tile(const vf* Xa, const vf* Wn, const Args& p, int64_t& trips) {
+  vf A[BS], Wt[BS];
+  const vf g = splat(p.g);
+  for (int j = 0; j < BS; ++j) A[j] = Xa[j];
+  transpose16(A);  // A[element] = lanes of blocks
+  for (int i = 0; i < BS; ++i) A[i] = A[i] * g < FLUSH_SCALED ? splat(0.0f) : A[i];
+  if (W) {
+    for (int j = 0; j < BS; ++j) Wt[j] = Wn[j];
+    transpose16(Wt);
+    normalize_weights_v(Wt);
+  }
+  vf am = A[0];
+  for (int i = 1; i < BS; ++i) am = vmax(am, A[i]);
+  // sweep._stage1_blocks: c0, the upper bound, the first window
+  const vi c0 = absmax_code_v(am, g);
+  vi hi = c0 >= 8 ? vmini(c0 + UPPER_OFFSET, splati(MAX_CODE)) : splati(15);
+  const vf t_hi = ((am * g) / 3.5f) * (1.0f + MARGIN);
+  const vi hd = vmaxi(fp8_ceil_code_v(t_hi) - 1, splati(15));
+  hi = t_hi <= FP8_MAX ? vmini(hi, hd) : hi;
+  hi = am == 0.0f ? splati(1) : hi;  // every error is 0: the smallest code, 1, wins
+  // Stage 1 from c0 - 3 (the reference starts at max(min(clip(E(c0)), c0), c0 - 3),
+  // a subset: evaluating E(c0) and its bound costs about what the extra codes do).
+  const vi lo1 = vmaxi(c0 - STAGE1_OFFSET, splati(1));
+  vi best = lo1;
+  vf err = splat(std::numeric_limits<float>::infinity());
+  trips += sweep_range<W>(A, Wt, g, lo1, hi, best, err);
+  // Stage 2 below the first window, down to the proven clipping bound against the
+  // best error so far (empty on almost every block). Its codes are smaller: they
+  // win ties. For MSE this is sweep._sweep_blocks; for WMSE the reference sweeps
+  // [min(clip(E(c0)), c0), hi] in one stage, and codes below clip(E(best)) >=
+  // clip(E(c0)) are strictly worse than best, so both return the same code.
+  const vi lo2 = vmini(clip_lo_v<W>(A, Wt, g, err), lo1);
+  if (hmax(lo1 - lo2) > 0) {
+    vi best2 = lo2;
+    vf err2 = splat(std::numeric_limits<float>::infinity());
+    trips += sweep_range<W>(A, Wt, g, lo2, lo1 - 1, best2, err2);
+    const vi take = (lo2 < lo1) & (err2 <= err);
+    best = take ? best2 : best;
+  }
+  return best;
+}
+
+// Row of 16 values of x (natural layout) as fp32.
+inline vf load16(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+inline vf load16(const c10::BFloat16* p) {
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  return (vf)(__builtin_convertvector(h, vu) << 16);
+}
+inline vf load16(const c10::Half* p) {
+  vf v;
+  for (int i = 0; i < BS; ++i) v[i] = static_cast<float>(p[i]);
+  return v;
+}
+// fp32 -> dtype, rounding to nearest even as torch's .to(dtype) (finite values).
+inline void store16(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline void store16(c10::BFloat16* p, vf v) {
+  vu u = (vu)v;
+  vu r = (u + (((u >> 16) & 1) + 0x7FFF)) >> 16;
+  vh h = __builtin_convertvector(r, vh);
+  std::memcpy(p, &h, sizeof h);
+}
+inline void store16(c10::Half* p, vf v) {
+  for (int i = 0; i < BS; ++i) p[i] = static_cast<c10::Half>(v[i]);
+}
+
+// Encode (and decode) one block with code c: q = round_e2m1(x * (G / v)); the
+// fake-quantized value is (v / G) * q with x's sign (sweep.quantize_dequantize).
+// inv = G / max(v, 2^-9) and s = v / G of the block's scale v (computed for a
+// whole tile at once: one vector division each instead of two scalar ones per block).
+template <typename T>
+inline void emit_block(vf xv, float inv, float s, uint8_t* packed, T* out) {
+  const vf r = xv * inv;
+  const vi sign = (vi)r & (int32_t)0x80000000;
+  const vf q = round_e2m1_mag(vabs(r));
+  if (out) {
+    store16(out, (vf)((vi)(q * s) | sign));
+    return;
+  }
+  vi idx = -((q >= 0.5f) + (q >= 1.0f) + (q >= 1.5f) + (q >= 2.0f) + (q >= 3.0f) +
+             (q >= 4.0f) + (q >= 6.0f));
+  idx = idx | ((vi)((vu)sign >> 28));
+  for (int i = 0; i < BS / 2; ++i) packed[i] = uint8_t(idx[2 * i] | (idx[2 * i + 1] << 4));
+}
+
+template <typename T>
+void run(const T* x, const Args& p, uint8_t* packed, uint8_t* scales, T* out, float* amax_out,
+         int64_t* bad_out, int64_t* trips_out) {
+  const int64_t tiles = (p.nblocks + BS - 1) / BS;
+  const int slots = at::get_num_threads() > 0 ? at::get_num_threads() : 1;
+  std::vector<float> amax(slots, 0.0f);
+  std::vector<int64_t> bad(slots, 0), trips(slots, 0);
+  at::parallel_for(0, tiles, 8, [&](int64_t t0, int64_t t1) {
+    vf am = splat(0.0f);
+    vi nb = splati(0);
+    int64_t ntrips = 0;
+    vf X[BS], Xa[BS], Wn[BS];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b0 = t * BS;
+      const int n = int(p.nblocks - b0 < BS ? p.nblocks - b0 : BS);
+      for (int j = 0; j < BS; ++j) {
+        if (j < n) {
+          X[j] = load16(x + (b0 + j) * BS);
+          Xa[j] = vabs(X[j]);
+          const vi finite = Xa[j] <= std::numeric_limits<float>::max();
+          nb += finite + 1;  // -1 + 1 where finite
+          am = vmax(am, Xa[j]);
+        } else {
+          X[j] = Xa[j] = splat(0.0f);
+        }
+      }
+      vi code;
+      if (p.method == 0) {
+        vf T_[BS];
+        for (int j = 0; j < BS; ++j) T_[j] = Xa[j];
+        transpose16(T_);
+        vf bm = T_[0];
+        for (int i = 1; i < BS; ++i) bm = vmax(bm, T_[i]);
+        code = absmax_code_v(bm, splat(p.g));
+      } else if (p.method == 1) {
+        code = sweep_tile<false>(Xa, Wn, p, ntrips);
+      } else {
+        for (int j = 0; j < BS; ++j) {
+          if (j < n) {
+            const int64_t b = b0 + j;
+            const int64_t row = b / p.blocks_per_row, col = (b % p.blocks_per_row) * BS;
+            Wn[j] = load16(p.w + (row % p.period) * p.K + col);
+          } else {
+            Wn[j] = splat(0.0f);
+          }
+        }
+        code = sweep_tile<true>(Xa, Wn, p, ntrips);
+      }
+      const vf vals = fp8_value_v(code);
+      const vf inv = splat(p.g) / vmax(vals, splat(0x1p-9f));
+      const vf sc = vals / p.g;
+      for (int j = 0; j < n; ++j) {
+        const int64_t b = b0 + j;
+        if (p.fake) {
+          emit_block<T>(X[j], inv[j], sc[j], nullptr, out + b * BS);
+        } else {
+          emit_block<T>(X[j], inv[j], sc[j], packed + b * (BS / 2), static_cast<T*>(nullptr));
+          scales[b] = uint8_t(code[j]);
+        }
+      }
+    }
+    const int tid = at::get_thread_num();
+    const int slot = tid >= 0 && tid < slots ? tid : 0;
+    float m = 0.0f;
+    int64_t c = 0;
+    for (int i = 0; i < BS; ++i) {
+      m = am[i] > m ? am[i] : m;
+      c += nb[i];
+    }
+    amax[slot] = m > amax[slot] ? m : amax[slot];
+    bad[slot] += c;
+    trips[slot] += ntrips;
+  });
+  float am = 0.0f;
+  int64_t nb = 0, nt = 0;
+  for (int i = 0; i < slots; ++i) {
+    am = amax[i] > am ? amax[i] : am;
+    nb += bad[i];
+    nt += trips[i];
+  }
+  *amax_out = am;
+  *bad_out = nb;
+  *trips_out = nt;
+}
+
+}  // namespace
+
+// x: contiguous [R, K] float32/float16/bfloat16; w: contiguous fp32 [period, K]
+// (row r of x uses row r % period) or an empty tensor. Returns (packed uint8
+// [R, K/2] or the fake-quantized [R, K] in x's dtype, scale codes uint8 [R, K/16],
+// stats fp64 [3] = (max|x| (fp32), non-finite elements, candidate evaluations per
+// 16-block tile, summed over tiles: the sweep's work, for the benchmark)).
+std::vector<torch::Tensor> nvfp4_cpu(torch::Tensor x, double g, int64_t method,
+                                     torch::Tensor w, int64_t period, bool fake) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() == 2, "x: contiguous 2-D CPU");
+  TORCH_CHECK(x.size(1) % BS == 0, "K must be a multiple of 16");
+  TORCH_CHECK(method >= 0 && method <= 2, "method");
+  const int64_t R = x.size(0), K = x.size(1);
+  Args p{R * (K / BS), K / BS, K, period < 1 ? 1 : period, float(g), int(method), fake, nullptr};
+  if (method == 2) {
+    TORCH_CHECK(w.dtype() == torch::kFloat32 && w.is_contiguous() && w.dim() == 2 &&
+                    w.size(0) == p.period && w.size(1) == K,
+                "w: contiguous fp32 [period, K]");
+    p.w = w.data_ptr<float>();
+  }
+  torch::Tensor scales = torch::empty({R, K / BS}, x.options().dtype(torch::kUInt8));
+  torch::Tensor main = fake ? torch::empty_like(x)
+                            : torch::empty({R, K / 2}, x.options().dtype(torch::kUInt8));
+  float amax = 0.0f;
+  int64_t bad = 0, trips = 0;
+  uint8_t* packed = fake ? nullptr : main.data_ptr<uint8_t>();
+  uint8_t* sc = scales.data_ptr<uint8_t>();
+  switch (x.scalar_type()) {
+    case torch::kFloat32:
+      run<float>(x.data_ptr<float>(), p, packed, sc, fake ? main.data_ptr<float>() : nullptr,
+                 &amax, &bad, &trips);
+      break;
+    case torch::kBFloat16:
+      run<c10::BFloat16>(x.data_ptr<c10::BFloat16>(), p, packed, sc,
+                         fake ? main.data_ptr<c10::BFloat16>() : nullptr, &amax, &bad, &trips);
+      break;
+    case torch::kHalf:
+      run<c10::Half>(x.data_ptr<c10::Half>(), p, packed, sc,
+                     fake ? main.data_ptr<c10::Half>() : nullptr, &amax, &bad, &trips);
+      break;
+    default:
+      TORCH_CHECK(false, "x must be float32, float16 or bfloat16");
+  }
+  torch::Tensor stats = torch::tensor({double(amax), double(bad), double(trips)}, torch::kFloat64);
+  return {main, scales, stats};
+}
+
+// packed uint8 [R, K/2], scale bytes uint8 [R, K/16] -> (v / G) * q in dtype, with
+// v = table[byte] (torch's float8_e4m3fn -> float32 of every byte, NaN included).
+torch::Tensor nvfp4_dequant_cpu(torch::Tensor packed, torch::Tensor scales, double g,
+                                torch::ScalarType dtype, torch::Tensor table) {
+  TORCH_CHECK(table.dtype() == torch::kFloat32 && table.numel() == 256, "table: fp32 [256]");
+  torch::Tensor tabc = table.contiguous();
+  const float* tab = tabc.data_ptr<float>();
+  TORCH_CHECK(packed.is_contiguous() && scales.is_contiguous() && packed.dim() == 2, "layout");
+  const int64_t R = packed.size(0), K = packed.size(1) * 2;
+  TORCH_CHECK(scales.size(0) == R && scales.size(1) * BS == K, "scales do not match packed");
+  torch::Tensor out = torch::empty({R, K}, packed.options().dtype(dtype));
+  static const float E2M1[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+  const uint8_t* pk = packed.data_ptr<uint8_t>();
+  const uint8_t* sc = scales.data_ptr<uint8_t>();
+  const float gf = float(g);
+  const int64_t nblocks = R * (K / BS);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "nvfp4_dequant_cpu", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, nblocks, 1024, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const float s = tab[sc[b]] / gf;
+        for (int i = 0; i < BS; ++i) {
+          uint8_t c = (pk[b * (BS / 2) + i / 2] >> ((i & 1) * 4)) & 0xF;
+          float m = E2M1[c & 7];
+          o[b * BS + i] = static_cast<scalar_t>(s * ((c & 8) ? -m : m));
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// A simple vectorised fp32 loop (the benchmark's peak): 8 independent chains of a
+// multiply and an add per step, on one thread. Returns the fp32 lane-operations done.
+double peak_loop(int64_t steps) {
+  vf acc[8];
+  for (int i = 0; i < 8; ++i) acc[i] = splat(1.0f + i * 1e-3f);
+  const vf a = splat(0.999999f), b = splat(1e-7f);
+  for (int64_t s = 0; s < steps; ++s)
+    for (int i = 0; i < 8; ++i) acc[i] = acc[i] * a + b;
+  float sink = 0.0f;
+  for (int i = 0; i < 8; ++i) sink += acc[i][0];
+  volatile float keep = sink;
+  (void)keep;
+  return double(steps) * 8 * 2 * BS;
+}
+
+std::vector<double> constants() {
+  return {MARGIN, FLUSH_SCALED, WEIGHT_FLUSH, double(UPPER_OFFSET), double(STAGE1_OFFSET),
+          double(MAX_CODE)};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("nvfp4", &nvfp4_cpu, "NVFP4 quantize / fake-quantize (AbsMax, MSE, WMSE)");
+  m.def("dequant", &nvfp4_dequant_cpu, "NVFP4 dequantize");
+  m.def("constants", &constants, "the reference constants compiled in");
+  m.def("peak_loop", &peak_loop, "simple vectorised fp32 loop, for the benchmark's peak");
+}

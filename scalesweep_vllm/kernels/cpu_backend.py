@@ -1,0 +1,257 @@
+"""The CPU backend: a C++ extension (``cpu/nvfp4_cpu.cpp``) for CPU tensors, bit-exact
+with the torch reference (:mod:`scalesweep_vllm.sweep`).
+
+Why C++: the sweep is about ten candidates of about a dozen fp32 operations per
+element, and exactness needs control of every rounding: no fused multiply-add
+(``-ffp-contract=off``), no fast-math, the reference's fixed summation tree.
+Inductor's C++ backend decides contraction and reduction order itself; a small
+extension with GCC vector types (16 fp32 lanes, one block per lane) does not.
+
+Built once per machine with torch's ``cpp_extension`` (g++ and ninja, no network)
+into ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``); the name
+carries the instruction set it was built for (``-march``), so a shared cache never
+hands an AVX-512 build to a CPU without it. ``scripts/setup.sh`` builds it ahead
+(``python -m scalesweep_vllm.kernels.cpu_backend``). Where it cannot build or load,
+:func:`available` is False, the dispatch uses the reference, and one warning says
+why. ``SCALESWEEP_CPU_BACKEND=0`` turns it off.
+
+Threads: ``at::parallel_for`` over tiles of 16 blocks, so it uses torch's intra-op
+pool and follows ``torch.set_num_threads`` (vLLM's CPU worker sets it per worker).
+
+Inputs the reference rejects (NaN/Inf, a global scale out of range, ``max|x| * G``
+above 2^50, bad weights) are detected here, cheaply, and then handed to the
+reference, which raises its own error; anything else this module does not handle
+(weights that broadcast only through middle dims, empty tensors) also goes to the
+reference. So the backend returns the reference's result or raises its error on
+every input.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import warnings
+
+import torch
+
+from .. import nvfp4, sweep
+
+__all__ = [
+    "DISABLE_ENV",
+    "available",
+    "build",
+    "dequantize",
+    "fake_quantize",
+    "load",
+    "quantize",
+    "why",
+]
+
+logger = logging.getLogger(__name__)
+
+DISABLE_ENV = "SCALESWEEP_CPU_BACKEND"
+_SOURCE = pathlib.Path(__file__).with_name("cpu") / "nvfp4_cpu.cpp"
+_METHOD_IDS = {"absmax": 0, "mse": 1, "wmse": 2}
+_MODULE = None
+_FAILED: str | None = None
+_FP8_TABLE: torch.Tensor | None = None
+#: Candidate evaluations (per 16-block tile, summed) of the last call, for the benchmark.
+_LAST_TRIPS = [0.0]
+
+
+def _isa() -> tuple[str, list[str]]:
+    """The instruction-set tag and -march flags for this CPU (x86: AVX-512, AVX2, baseline)."""
+    try:
+        flags = set()
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        flags = set()
+    if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+        return "avx512", ["-march=skylake-avx512", "-mprefer-vector-width=512"]
+    if {"avx2", "fma"} <= flags:
+        return "avx2", ["-march=haswell"]
+    return "generic", []
+
+
+def build(verbose: bool = False):
+    """Compile (or find in the cache) and import the extension module."""
+    from torch.utils import cpp_extension
+
+    tag, march = _isa()
+    flags = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-fopenmp", *march]
+    return cpp_extension.load(
+        name=f"scalesweep_nvfp4_cpu_{tag}",
+        sources=[str(_SOURCE)],
+        extra_cflags=flags,
+        extra_ldflags=["-fopenmp"],
+        verbose=verbose,
+    )
+
+
+def load():
+    """The extension module, or None (with one warning) when it cannot be had."""
+    global _MODULE, _FAILED
+    if _MODULE is not None or _FAILED is not None:
+        return _MODULE
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        _FAILED = f"{DISABLE_ENV}=0"
+        return None
+    try:
+        mod = build()
+        consts = mod.constants()
+        want = [
+            sweep.LOWER_BOUND_MARGIN,
+            sweep.FLUSH_SCALED,
+            sweep.WEIGHT_FLUSH,
+            float(sweep.UPPER_OFFSET),
+            float(sweep.MSE_STAGE1_OFFSET),
+            float(nvfp4.FP8_MAX_CODE),
+        ]
+        if list(consts) != want:
+            raise RuntimeError(f"compiled constants {list(consts)} differ from sweep.py's {want}")
+        _MODULE = mod
+    except Exception as err:  # noqa: BLE001 - no compiler, no ninja, a failed build...
+        _FAILED = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err) else ''}"
+        warnings.warn(
+            f"scalesweep_vllm: the C++ CPU backend is unavailable ({_FAILED}); CPU tensors use "
+            "the torch reference (same results, about 100x slower). Needs g++ and ninja; "
+            "`python -m scalesweep_vllm.kernels.cpu_backend` shows the build log",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return _MODULE
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def why() -> str:
+    """Why the backend is unavailable ("" when it is available)."""
+    load()
+    return _FAILED or ""
+
+
+def _global_scale_ok(global_scale) -> tuple[bool, float]:
+    """G as the fp32 number the reference uses, and whether it is in the accepted domain."""
+    try:
+        g = torch.as_tensor(global_scale, dtype=torch.float32).detach().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        return False, 0.0
+    if g.numel() != 1:
+        return False, 0.0
+    gf = float(g.reshape(()))
+    ok = gf == gf and nvfp4.GLOBAL_SCALE_MIN <= gf <= nvfp4.GLOBAL_SCALE_MAX
+    return ok, gf
+
+
+def _weight(weight, x: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """WMSE weight as a contiguous fp32 [P, K] whose row r % P goes with row r of x
+    (a per-column [K] vector, per-head [H, K] for x [..., H, K], any weight that
+    broadcasts to x's trailing dims), or None when the reference must handle it:
+    bad values (it raises) or broadcasting through leading dims of x."""
+    if not isinstance(weight, torch.Tensor):
+        return None
+    w = weight.detach()
+    while w.dim() > 1 and w.shape[0] == 1:
+        w = w[0]
+    if w.dim() == 0 or w.dim() > x.dim():
+        return None
+    suffix = tuple(x.shape[x.dim() - w.dim() :])
+    if any(a != b and a != 1 for a, b in zip(w.shape, suffix, strict=True)):
+        return None
+    w = w.to(device=x.device, dtype=torch.float32).expand(suffix).contiguous()
+    if w.numel() == 0 or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        return None
+    k = x.shape[-1]
+    return w.reshape(-1, k), w.numel() // k
+
+
+def _run(x, global_scale, method, weight, fake):
+    """(main, scale codes) from the extension, or None to use the reference."""
+    mod = load()
+    if mod is None or x.device.type != "cpu" or x.dim() == 0 or x.numel() == 0:
+        return None
+    if x.shape[-1] % nvfp4.BLOCK_SIZE:
+        return None
+    ok, g = _global_scale_ok(global_scale)
+    if not ok:
+        return None
+    k = x.shape[-1]
+    w, period = torch.empty(0), 1
+    if method == "wmse":
+        got = _weight(weight, x)
+        if got is None:
+            return None
+        w, period = got
+    x2 = x.detach().reshape(-1, k).contiguous()
+    main, codes, stats = mod.nvfp4(x2, g, _METHOD_IDS[method], w, period, fake)
+    amax, bad = float(stats[0]), float(stats[1])
+    _LAST_TRIPS[0] = float(stats[2])
+    # as validate computes it: the fp32 product of max|x| and G, compared with 2^50
+    if bad or not float(torch.tensor(amax, dtype=torch.float32) * g) <= sweep.SCALED_MAX:
+        return None
+    return main, codes
+
+
+def quantize(x, global_scale, method, weight):
+    """``(packed, scales)`` as :func:`scalesweep_vllm.kernels.quantize`, or None."""
+    got = _run(x, global_scale, method, weight, fake=False)
+    if got is None:
+        return None
+    packed, codes = got
+    lead = tuple(x.shape[:-1])
+    k = x.shape[-1]
+    scales = codes.view(torch.float8_e4m3fn).reshape(lead + (k // nvfp4.BLOCK_SIZE,))
+    return packed.reshape(lead + (k // 2,)), scales
+
+
+def fake_quantize(x, global_scale, method, weight):
+    """Quantize-dequantize as :func:`scalesweep_vllm.kernels.fake_quantize`, or None."""
+    got = _run(x, global_scale, method, weight, fake=True)
+    return None if got is None else got[0].reshape(x.shape)
+
+
+def dequantize(packed, scales, global_scale, dtype):
+    """``(v / G) * q`` in ``dtype`` as :func:`scalesweep_vllm.kernels.dequantize`, or None."""
+    global _FP8_TABLE
+    mod = load()
+    if (
+        mod is None
+        or packed.device.type != "cpu"
+        or packed.dtype != torch.uint8
+        or scales.dtype != torch.float8_e4m3fn
+        or packed.dim() == 0
+        or packed.numel() == 0
+        or tuple(scales.shape[:-1]) != tuple(packed.shape[:-1])
+        or scales.shape[-1] * nvfp4.BLOCK_SIZE != packed.shape[-1] * 2
+        or dtype not in (torch.float32, torch.float16, torch.bfloat16)
+    ):
+        return None
+    g = torch.as_tensor(global_scale, dtype=torch.float32)
+    if g.numel() != 1:
+        return None
+    if _FP8_TABLE is None:
+        _FP8_TABLE = (
+            torch.arange(256, dtype=torch.int32)
+            .to(torch.uint8)
+            .view(torch.float8_e4m3fn)
+            .to(torch.float32)
+        )
+    k2 = packed.shape[-1]
+    p2 = packed.reshape(-1, k2).contiguous()
+    s2 = scales.reshape(-1, scales.shape[-1]).contiguous().view(torch.uint8)
+    out = mod.dequant(p2, s2, float(g.reshape(())), dtype, _FP8_TABLE)
+    return out.reshape(tuple(packed.shape[:-1]) + (k2 * 2,))
+
+
+if __name__ == "__main__":  # build ahead (scripts/setup.sh) and show the log
+    import time
+
+    t = time.perf_counter()
+    m = build(verbose=True)
+    print(f"scalesweep CPU backend ready ({_isa()[0]}, {time.perf_counter() - t:.1f} s): {m}")

@@ -1,0 +1,313 @@
+"""The C++ CPU backend vs the reference (sweep.py), bit for bit.
+
+Codes, scales, packed nibbles and fake-quantized values must be identical (atol=0)
+on the Triton tests' random and adversarial sets (imported from test_kernels.py),
+on larger random sets, and against the exhaustive sweep; inputs the reference
+rejects raise its errors; without the extension the dispatch falls back to the
+reference with one warning.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from scalesweep_vllm import nvfp4, sweep
+from scalesweep_vllm.kernels import cpu_backend, dispatch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+pytestmark = pytest.mark.skipif(
+    not cpu_backend.available(), reason=f"C++ CPU backend unavailable: {cpu_backend.why()}"
+)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """Bit pattern, so -0.0 != 0.0 and every mantissa bit counts."""
+    width = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+    return t.view(width[t.dtype])
+
+
+def _ref_scales(x, g, method, w, exhaustive=False):
+    if method == "absmax":
+        return sweep.absmax_scales(x, g)
+    return sweep.sweep_scales(x, g, w if method == "wmse" else None, exhaustive=exhaustive)
+
+
+def check_cpu(x, g, method, w=None, exhaustive=False):
+    """C++ packed codes, scales and fake-quant values == reference, bit for bit."""
+    scales_ref = _ref_scales(x, g, method, w, exhaustive)
+    packed_ref = nvfp4.pack_fp4(sweep.quantize_codes(x, g, scales_ref))
+    packed, scales = dispatch.quantize(x, g, method, w, backend="cpu")
+    assert scales.dtype == torch.float8_e4m3fn and scales.shape == scales_ref.shape
+    s, s_ref = scales.view(torch.uint8), scales_ref.view(torch.uint8)
+    if not torch.equal(s, s_ref):
+        bad = (s != s_ref).nonzero()[:5].tolist()
+        raise AssertionError(
+            f"{method}: scale codes differ at {bad}: {s[s != s_ref][:5]} vs {s_ref[s != s_ref][:5]}"
+        )
+    assert packed.shape == packed_ref.shape and torch.equal(packed, packed_ref), "packed differ"
+    y = dispatch.fake_quantize(x, g, method, w, backend="cpu")
+    y_ref = sweep.quantize_dequantize(x, g, scales_ref).to(x.dtype)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert torch.equal(_bits(y), _bits(y_ref)), f"{method}: fake-quant values differ"
+    d = dispatch.dequantize(packed, scales, g, x.dtype, backend="cpu")
+    assert torch.equal(_bits(d), _bits(y_ref)), f"{method}: dequantize differs"
+    return scales
+
+
+# -- the Triton tests' sets --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tk():
+    pytest.importorskip("triton")
+    import test_kernels
+
+    return test_kernels
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("method", ["absmax", "mse", "wmse"])
+def test_random_exact(method, m, dtype):
+    gen = torch.Generator().manual_seed(1000 * m + len(str(dtype)))
+    x = (torch.randn(m, 64, generator=gen) * torch.rand(m, 1, generator=gen) * 10).to(dtype)
+    g = nvfp4.global_scale(x.float().abs().max())
+    w = torch.rand(64, generator=gen) * (torch.rand(64, generator=gen) > 0.25)
+    check_cpu(x, g, method, w if method == "wmse" else None)
+
+
+@pytest.mark.parametrize("method", ["absmax", "mse", "wmse"])
+def test_adversarial_exact(method, tk):
+    """Ties at every E2M1 midpoint, zeros and -0.0, constant and one-hot blocks,
+    subnormal-range scales next to big blocks, in every dtype; also exhaustive."""
+    x = tk._adversarial_rows()
+    w = tk._weight(64, torch.Generator().manual_seed(7)) if method == "wmse" else None
+    for g in (torch.tensor([1.0]), nvfp4.global_scale(x.abs().max())):
+        check_cpu(x, g, method, w)
+        if method != "absmax":
+            check_cpu(x, g, method, w, exhaustive=True)
+    for dtype in (torch.bfloat16, torch.float16):
+        xd = x.to(dtype)
+        check_cpu(xd, nvfp4.global_scale(xd.float().abs().max()), method, w)
+
+
+@pytest.mark.parametrize("method", ["mse", "wmse"])
+def test_extreme_values_exact(method, tk):
+    """Values near the fp32/bf16/fp16 range ends, tiny tensors with a huge global scale
+    (FP8 subnormal scales, flushed elements), and the accepted domain's edges."""
+    gen = torch.Generator().manual_seed(11)
+    base = torch.randn(4, 64, generator=gen)
+    w = tk._weight(64, gen) if method == "wmse" else None
+    for scale, dtype in (
+        (3.0e38, torch.float32),
+        (3.0e38, torch.bfloat16),
+        (6.0e4, torch.float16),
+        (1e-30, torch.float32),
+    ):
+        x = (base / base.abs().max() * scale).to(dtype)
+        check_cpu(x, nvfp4.global_scale(x.float().abs().max()), method, w)
+    check_cpu(base * 2.0**-106, torch.tensor([2.0**100]), method, w)
+    unit = base / base.abs().max()
+    check_cpu(unit * 2.0**120, torch.tensor([nvfp4.GLOBAL_SCALE_MIN]), method, w)
+    check_cpu(unit * 2.0**-110, torch.tensor([nvfp4.GLOBAL_SCALE_MAX]), method, w)
+    check_cpu(unit * 2.0**50, torch.tensor([1.0]), method, w)
+    if method == "wmse":
+        w8 = torch.randint(0, 81, (64,), generator=gen) / 8.0
+        for scale in (2.0**-140, 2.0**120, 1e-44, 1e36):
+            check_cpu(unit, torch.tensor([1536.0]), "wmse", w8 * scale)
+
+
+def test_top_of_range_exact(tk):
+    """Unsaturated blocks at AbsMax codes 120..126 and the c0 = 126 block whose optimum
+    (122) lies below c0 - 3: found by the second stage here too."""
+    fp8 = nvfp4.fp8_values()
+    gen = torch.Generator().manual_seed(41)
+    rows = []
+    for c0 in range(120, 127):
+        v = fp8[c0]
+        lo = (fp8[c0 - 1] + v) / 2
+        hi = (fp8[c0 + 1] + v) / 2 if c0 < 126 else 448 * 1.01
+        m = 6 * (lo + (hi - lo) * torch.rand(32, 1, generator=gen))
+        rest = m * (0.6 + 0.3 * torch.rand(32, 15, generator=gen))
+        rows.append(torch.cat([rest[:, :7], m, rest[:, 7:]], 1))
+    rows.append(torch.tensor([tk.C0_126_BLOCK] * 32))
+    x = torch.cat(rows).reshape(-1, 64)
+    scales = check_cpu(x, torch.tensor([1.0]), "mse")
+    assert int(scales.view(torch.uint8).flatten()[-1]) == 122
+    check_cpu(x, torch.tensor([1.0]), "mse", exhaustive=True)
+    check_cpu(x, torch.tensor([1.0]), "wmse", tk._weight(64, gen), exhaustive=True)
+
+
+def test_wmse_zero_weights_and_shapes_exact():
+    """Zero weight on the largest element, one non-zero column, all zero; per-head
+    [H, D] weights for x [T, H, D] as the plugin passes them, [H, 1], full, scalar."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 32, generator=gen)
+    g = nvfp4.global_scale(x.abs().max())
+    w = torch.ones(32)
+    w[x[0].abs().argmax()] = 0.0
+    check_cpu(x, g, "wmse", w)
+    one = torch.zeros(32)
+    one[3] = 1.0
+    check_cpu(x, g, "wmse", one)  # windows of ~120 codes
+    check_cpu(x, g, "wmse", torch.zeros(32))
+    xh = torch.randn(5, 9, 64, generator=gen).to(torch.bfloat16)
+    gh = nvfp4.global_scale(xh.float().abs().max())
+    for wh in (
+        torch.rand(9, 64, generator=gen),
+        torch.rand(1, 9, 64, generator=gen),
+        torch.rand(9, 1, generator=gen),
+        torch.rand(5, 9, 64, generator=gen),
+        torch.rand(5, 1, 64, generator=gen),  # leading-dim broadcast: reference path
+        torch.tensor(2.0),
+    ):
+        check_cpu(xh, gh, "wmse", wh)
+
+
+def test_layouts_exact():
+    """Leading dims, a row stride that is not K, a transposed (column-strided) input."""
+    gen = torch.Generator().manual_seed(5)
+    big = torch.randn(6, 96, generator=gen).to(torch.bfloat16)
+    g = nvfp4.global_scale(big.float().abs().max())
+    check_cpu(big[:, :64], g, "mse")
+    check_cpu(big.view(2, 3, 96), g, "wmse", torch.rand(96, generator=gen))
+    t = torch.randn(64, 6, generator=gen).t()
+    check_cpu(t[:, :48].contiguous().t().t(), g, "absmax")
+    check_cpu(torch.randn(32, 48, generator=gen).t(), g, "mse")
+
+
+@pytest.mark.parametrize("dist", ["gauss", "laplace", "t3", "outliers"])
+def test_many_blocks_exact(dist):
+    """32k blocks per distribution, both global-scale conventions, MSE and WMSE."""
+    gen = torch.Generator().manual_seed({"gauss": 1, "laplace": 2, "t3": 3, "outliers": 4}[dist])
+    x = torch.randn(128, 4096, generator=gen)
+    if dist == "laplace":
+        x = x.sign() * torch.empty_like(x).exponential_(generator=gen)
+    elif dist == "t3":
+        x = x / (torch.randn(128, 4096, 3, generator=gen).square().mean(-1).sqrt())
+    elif dist == "outliers":
+        x[torch.rand(128, 4096, generator=gen) < 0.01] *= 100.0
+    x = x.to(torch.bfloat16)
+    amax = x.float().abs().max()
+    w = torch.randn(4096, generator=gen).exp()
+    for conv in ("paper", "compressed-tensors"):
+        g = nvfp4.global_scale(amax, conv)
+        for method, wt in (("mse", None), ("wmse", w)):
+            s = dispatch.quantize(x, g, method, wt, backend="cpu")[1]
+            assert torch.equal(s.view(torch.uint8), _ref_scales(x, g, method, wt).view(torch.uint8))
+
+
+def test_threads_do_not_change_results():
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(256, 1536, generator=gen).to(torch.bfloat16)
+    g = nvfp4.global_scale(x.float().abs().max())
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = dispatch.fake_quantize(x, g, "mse", backend="cpu")
+        torch.set_num_threads(max(n, 2))
+        two = dispatch.fake_quantize(x, g, "mse", backend="cpu")
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(_bits(one), _bits(two))
+
+
+def test_dequantize_any_scale_byte():
+    """Every scale byte (negative, NaN included) decodes as the reference decodes it."""
+    gen = torch.Generator().manual_seed(13)
+    packed = torch.randint(0, 256, (256, 8), generator=gen, dtype=torch.uint8)
+    scales = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
+    scales = scales.reshape(256, 1)
+    for dtype in DTYPES:
+        got = dispatch.dequantize(packed, scales, 3.0, dtype, backend="cpu")
+        ref = dispatch.dequantize(packed, scales, 3.0, dtype, backend="torch")
+        assert torch.equal(got.isnan(), ref.isnan())
+        assert torch.equal(_bits(got)[~got.isnan()], _bits(ref)[~ref.isnan()])
+
+
+# -- what the reference rejects -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_rejected(bad):
+    x = torch.randn(4, 32)
+    x[2, 7] = bad
+    for method, w in (("absmax", None), ("mse", None), ("wmse", torch.ones(32))):
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            dispatch.fake_quantize(x, 100.0, method, w, backend="cpu")
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            dispatch.quantize(x.to(torch.bfloat16), 100.0, method, w, backend="cpu")
+
+
+def test_domain_rejected_with_the_reference_messages():
+    x = torch.randn(2, 32)
+    for g, match in ((1.4e-45, "below"), (2.0**116, "exceeds"), (float("nan"), "finite")):
+        with pytest.raises(ValueError, match=match):
+            dispatch.quantize(x, g, "mse", backend="cpu")
+    with pytest.raises(ValueError, match="2\\^50"):
+        dispatch.fake_quantize(x / x.abs().max() * 2.0**40, 2.0**11, "mse", backend="cpu")
+    with pytest.raises(ValueError, match="must be >= 0"):
+        dispatch.fake_quantize(x, 100.0, "wmse", -torch.ones(32), backend="cpu")
+    with pytest.raises(ValueError, match="multiple of 16"):
+        dispatch.fake_quantize(torch.randn(2, 24), 100.0, "mse", backend="cpu")
+
+
+# -- the fallback -------------------------------------------------------------------------
+
+
+def test_fallback_when_the_extension_cannot_build(monkeypatch):
+    """A failed build: one warning, the reference's results, backend='cpu' refused."""
+    monkeypatch.setattr(cpu_backend, "_MODULE", None)
+    monkeypatch.setattr(cpu_backend, "_FAILED", None)
+
+    def no_compiler(verbose=False):
+        raise RuntimeError("Error building extension: g++: command not found")
+
+    monkeypatch.setattr(cpu_backend, "build", no_compiler)
+    x = torch.randn(8, 64).to(torch.bfloat16)
+    g = nvfp4.global_scale(x.float().abs().max())
+    with pytest.warns(RuntimeWarning, match="C\\+\\+ CPU backend is unavailable.*g\\+\\+"):
+        y = dispatch.fake_quantize(x, g, "mse")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        y2 = dispatch.fake_quantize(x, g, "mse")
+    ref = sweep.quantize_dequantize(x, g, sweep.sweep_scales(x, g)).to(x.dtype)
+    assert torch.equal(_bits(y), _bits(ref)) and torch.equal(_bits(y2), _bits(ref))
+    with pytest.raises(RuntimeError, match="g\\+\\+: command not found"):
+        dispatch.fake_quantize(x, g, "mse", backend="cpu")
+
+
+def test_disabled_by_environment_in_a_fresh_process():
+    code = (
+        "import warnings, torch\n"
+        "warnings.simplefilter('error')\n"
+        "from scalesweep_vllm.kernels import cpu_backend, dispatch\n"
+        "x = torch.randn(4, 32)\n"
+        "try:\n"
+        "    dispatch.fake_quantize(x, 10.0, 'mse')\n"
+        "except RuntimeWarning as w:\n"
+        "    print('WARNED', w)\n"
+        "print('AVAILABLE', cpu_backend.available(), cpu_backend.why())\n"
+    )
+    env = dict(os.environ, PYTHONPATH=ROOT, SCALESWEEP_CPU_BACKEND="0")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "AVAILABLE False SCALESWEEP_CPU_BACKEND=0" in res.stdout
+    assert "WARNED" not in res.stdout  # turned off on purpose: no warning
+
+
+def test_auto_uses_the_extension_on_cpu(monkeypatch):
+    calls = []
+    real = cpu_backend.fake_quantize
+    monkeypatch.setattr(cpu_backend, "fake_quantize", lambda *a: calls.append(1) or real(*a))
+    dispatch.fake_quantize(torch.randn(2, 32), 10.0, "mse")
+    dispatch.fake_quantize(torch.randn(2, 32), 10.0, "mse", backend="torch")
+    assert calls == [1]
