@@ -215,3 +215,33 @@ def test_cuda_graph_capture_and_replay():
     expect = dispatch.fake_quantize(static_x, g, "wmse", w)
     assert torch.equal(_bits(out), _bits(expect))
     assert not torch.equal(_bits(out), _bits(eager))
+
+
+@pytest.mark.parametrize("method", ["mse", "wmse"])
+def test_domain_edges_and_top_of_range_exact(method):
+    """The sweep's accepted domain on the GPU (BOUNDS_VERSION 2): G = 2^-117 and 2^115,
+    max|x| * G = 2^50, elements flushed below 2^-12 (scaled), WMSE weights normalised
+    per block (subnormal and huge scales: no flush-to-zero on the GPU either), and
+    unsaturated blocks at AbsMax code 126 (the MSE sweep's second stage)."""
+    gen = torch.Generator(device="cuda").manual_seed(29)
+    base = torch.randn(512, 256, device="cuda", generator=gen)
+    base /= base.abs().max()
+    w = torch.randint(0, 81, (256,), device="cuda", generator=gen) / 8.0
+    top = base.abs() * 0.3 + 0.6  # fifteen clustered at 0.6-0.9 of the maximum
+    top[:, ::16] = 1.0
+    cases = [
+        (base * 2.0**120, nvfp4.GLOBAL_SCALE_MIN),
+        (base * 2.0**-110, nvfp4.GLOBAL_SCALE_MAX),
+        (base * 2.0**50, 1.0),
+        (base * 2.0**-20, 1536.0),  # many elements below the flush threshold
+        (top * 6 * 432.5, 1.0),  # c0 = 126, 448 above m/6
+    ]
+    scales = (1.0, 2.0**-140, 2.0**120) if method == "wmse" else (None,)
+    for x, g in cases:
+        g = torch.tensor([g], device="cuda")
+        for scale in scales:
+            wt = None if scale is None else w * scale
+            p_ref, s_ref = _ref(x, g, method, wt)
+            p, s = dispatch.quantize(x, g, method, wt, backend="triton")
+            assert torch.equal(s.view(torch.uint8), s_ref.view(torch.uint8)), (g, scale)
+            assert torch.equal(p, p_ref)
