@@ -150,16 +150,20 @@ def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
 
 
 def _factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + lambda I)^-1, raising the damping if needed."""
+    """Upper Cholesky factor of (H + lambda I)^-1, raising the damping if needed.
+    Damps ``h`` in place; at most two more K x K matrices live at a time."""
     mean_diag = float(h.diagonal().mean())
+    added = 0.0
     for attempt in range(_DAMP_RETRIES + 1):
         d = damp * 10**attempt
-        hd = h.clone()
-        hd.diagonal().add_(d * mean_diag)
-        chol, info = torch.linalg.cholesky_ex(hd)
+        h.diagonal().add_(d * mean_diag - added)
+        added = d * mean_diag
+        chol, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
             hinv = torch.cholesky_inverse(chol)
+            del chol
             u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
             if int(info) == 0 and bool(torch.isfinite(u).all()):
                 return u, d
     raise ValueError(
@@ -259,10 +263,11 @@ def memory_estimate(config, tokens: int, compute_bytes: int = 2) -> dict:
     Device, at one time: one decoder layer in the compute dtype (``compute_bytes``),
     the calibration hidden states (``tokens x hidden``, compute dtype, inputs kept
     and outputs written in place), the layer's H matrices (float32, one per fused
-    group, as :mod:`.calibration` keeps them), and the working set of GPTQ on the
-    largest group: the damped copy of H, its Cholesky factor and inverse factor
-    (3 x K^2 float32, transient) and the weight, pre-rounding and rounded values
-    (3 x N x K float32).
+    group, as :mod:`.calibration` keeps them), and the working set of GPTQ on one
+    group, the largest: a copy of H and, while it is factored, the Cholesky factor
+    and the inverse (3 x K^2 float32), and about six N x K float32 matrices (the
+    group's weights, their working copy, pre-rounding and rounded values, the
+    reference's re-encoding).
     """
     layers, groups = _linear_shapes(config)
     layer_params = sum(r * c for r, c in groups)
@@ -273,7 +278,7 @@ def memory_estimate(config, tokens: int, compute_bytes: int = 2) -> dict:
     # q/k/v and gate/up share their H: distinct inputs are hidden (twice: qkv, gate_up),
     # heads*hd (o) and inter (down)
     hessians = (2 * config.hidden_size**2 + groups[1][1] ** 2 + groups[3][1] ** 2) * 4
-    work = max(3 * c * c * 4 + 3 * r * c * 4 for r, c in groups)
+    work = max(3 * c * c * 4 + 6 * r * c * 4 for r, c in groups)
     activations = tokens * config.hidden_size * compute_bytes
     layer_bytes = (layer_params + norm_params) * compute_bytes
     return {

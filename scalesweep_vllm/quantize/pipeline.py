@@ -206,6 +206,7 @@ def quantize_model(
     dry_run: bool = False,
     progress: bool = True,
     gptq: bool | dict | GPTQConfig = False,
+    in_memory: bool = False,
 ) -> dict:
     """Quantize a causal LM to an NVFP4 compressed-tensors checkpoint; return the report.
 
@@ -218,6 +219,9 @@ def quantize_model(
     :class:`~.gptq.GPTQConfig`) or its settings (dict or GPTQConfig): GPTQ error
     feedback on the fixed ScaleSweep block scales (:mod:`.gptq`); same checkpoint
     format, settings recorded in scalesweep.json.
+    ``in_memory``: write nothing (``output`` may be None); the report's ``"checkpoint"``
+    holds what would have been written (:func:`writer.checkpoint_contents`); the
+    evaluation (:mod:`scalesweep_vllm.evaluate`) quantizes recipes this way.
     """
     t_start = time.perf_counter()
     cpu_start = time.process_time()
@@ -225,7 +229,7 @@ def quantize_model(
     schemes.check_objective(objective)
     schemes.check_convention(global_scale_convention)
     gcfg = GPTQConfig.parse(gptq)
-    if not dry_run and output is None:
+    if not dry_run and not in_memory and output is None:
         raise ValueError("an output directory is required (or use dry_run)")
     # Cheap checks first (preflight): nothing below loads the model's weights.
     dev = preflight.resolve_device(device)
@@ -239,7 +243,7 @@ def quantize_model(
     width = cal_docs.shape[1] if isinstance(cal_docs, torch.Tensor) else seq_len
     preflight.check_config(config, width, sch.kv_cache or sch.query, sch.name)
     out = None
-    if not dry_run:
+    if not dry_run and not in_memory:
         calib_file = Path(calib) if isinstance(calib, (str, Path)) else None
         out = preflight.check_output(output, overwrite, src_dir, calib_file)
         preflight.check_writable(out)
@@ -346,7 +350,7 @@ def quantize_model(
                 global_scale_convention,
                 sch.activations,
                 gptq=gcfg,
-                hessian=first.hessian_mean() if gcfg is not None else None,
+                hessian=_hessian_mean(first) if gcfg is not None else None,
                 hessian_tokens=first.count,
             ):
                 quantized[q.name] = q
@@ -375,6 +379,22 @@ def quantize_model(
         "total_params": total_params,
         "totals": report.totals(rows),
     }
+    if in_memory:
+        rep["checkpoint"] = writer.checkpoint_contents(
+            mdl,
+            quantized,
+            ignore,
+            sch,
+            objective,
+            global_scale_convention,
+            attention,
+            vectors,
+            src_name,
+            cal_info,
+            gptq=_gptq_meta(gcfg, rows),
+        )
+        rep["timing"] = {"wall_s": time.perf_counter() - t_start}
+        return rep
     with writer.staging_dir(out, overwrite) as tmp:
         writer.write_checkpoint(
             tmp,
@@ -408,6 +428,12 @@ def quantize_model(
     if progress:
         print(report.format_report(rep), end="")
     return rep
+
+
+def _hessian_mean(st: calibration.LinearStats) -> torch.Tensor:
+    """``H / n`` in place (no second K x K copy on the device); the group's stats are
+    not used afterwards."""
+    return st.hessian.div_(max(st.count, 1))
 
 
 def _gptq_meta(cfg: GPTQConfig | None, rows: list[dict]) -> dict:
