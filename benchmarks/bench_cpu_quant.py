@@ -1,0 +1,196 @@
+"""Runtime NVFP4 fake-quantization on the CPU: the C++ backend against the torch
+reference, against AbsMax on the same backend, and against the bf16 matmul that
+consumes the same activation.
+
+Shapes are the default model's (SmolLM2-135M) runtime inputs: Linear inputs
+[T, 576] (consumed by qkv_proj, 576 x 960) and [T, 1536] (down_proj, 1536 x 576),
+per-head Q [T, 9, 64] and K/V [T, 3, 64] (per-head WMSE weights, as the plugin
+passes them), for T = 1, 16, 512, 4096. Times are medians of repeated calls in one
+process, so the ratios are what to compare (absolute times drift on a shared
+machine). The reference is timed up to 1M elements (it takes seconds beyond).
+
+Vector peak: a simple vectorised fp32 loop (8 independent multiply-add chains in the
+same extension, one thread) gives the lane-operations per second one core sustains;
+the sweep's work is its candidate evaluations (counted by the kernel) times 256
+elements per 16-block tile times the operations per element and candidate of the
+compiled inner loop (``OPS_PER_EVAL``, read off the disassembly).
+
+    python benchmarks/bench_cpu_quant.py [--threads N] [--check] [--quick]
+
+Prints the environment first, then the table; writes JSON to ``${OUT:-benchmarks/out}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from scalesweep_vllm import nvfp4
+from scalesweep_vllm.kernels import cpu_backend, dispatch
+
+#: Vector instructions per element and candidate in the compiled sweep loop (16 lanes
+#: each): r = a * inv; M from r's exponent (and, max, add); (r + M) - M (2); min with
+#: 6; d = r - q; d * d; the tree sum's 15/16 add; WMSE adds the weight multiply.
+OPS_PER_EVAL = {"mse": 10.94, "wmse": 11.94}
+SHAPES = (
+    ("[T,576]", (576,), 960, None),
+    ("[T,1536]", (1536,), 576, None),
+    ("[T,9,64]", (9, 64), None, (9, 64)),
+    ("[T,3,64]", (3, 64), None, (3, 64)),
+)
+REF_MAX_ELEMENTS = 1 << 20
+
+
+def _median_time(fn, min_time: float = 0.2, max_reps: int = 200) -> float:
+    fn()  # warm up (allocator, thread pool)
+    times = []
+    t_end = time.perf_counter() + min_time
+    while len(times) < 3 or (time.perf_counter() < t_end and len(times) < max_reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def peak_lane_ops_per_s() -> float:
+    """fp32 lane-operations per second of one thread on a simple vectorised loop."""
+    mod = cpu_backend.load()
+    steps = 2_000_000
+    ops = mod.peak_loop(steps)
+    best = min(_timed(lambda: mod.peak_loop(steps)) for _ in range(5))
+    return ops / best
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _check(x, g, method, w) -> None:
+    a = dispatch.fake_quantize(x, g, method, w, backend="cpu")
+    b = dispatch.fake_quantize(x, g, method, w, backend="torch")
+    if not torch.equal(a.view(torch.int16), b.view(torch.int16)):
+        raise SystemExit(f"--check: C++ and reference differ ({method}, {tuple(x.shape)})")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 512, 4096])
+    p.add_argument("--check", action="store_true", help="verify bit-exactness before timing")
+    p.add_argument("--quick", action="store_true", help="shorter timings (CI smoke)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not cpu_backend.available():
+        raise SystemExit(f"the C++ CPU backend is unavailable: {cpu_backend.why()}")
+    min_time = 0.02 if args.quick else 0.25
+    env = {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": _cpu_name(),
+        "isa": cpu_backend._isa()[0],
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    print("environment:", json.dumps(env))
+    peak = peak_lane_ops_per_s()
+    print(f"vector peak (simple loop, 1 thread): {peak / 1e9:.1f} G fp32 lane-ops/s")
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    hdr = (
+        f"{'shape':<10}{'T':>6}{'method':>8}{'ms':>10}{'Melem/s':>10}{'x ref':>9}"
+        f"{'/absmax':>9}{'/matmul':>9}{'%peak':>7}"
+    )
+    print(hdr)
+    for name, tail, n_out, whead in SHAPES:
+        for t in args.tokens:
+            shape = (t, *tail)
+            x = (torch.randn(shape, generator=gen) * (1 + torch.rand(shape[:-1] + (1,)) * 3)).to(
+                torch.bfloat16
+            )
+            g = nvfp4.global_scale(x.float().abs().max())
+            k = shape[-1]
+            w_col = torch.rand(whead if whead else (k,), generator=gen) + 0.01
+            mm = None
+            if n_out is not None:
+                a2 = x.reshape(-1, k)
+                b2 = torch.randn(k, n_out, generator=gen).to(torch.bfloat16)
+                mm = _median_time(lambda a2=a2, b2=b2: torch.matmul(a2, b2), min_time)
+            base = None
+            for method in ("absmax", "mse", "wmse"):
+                w = w_col if method == "wmse" else None
+                if args.check and x.numel() <= REF_MAX_ELEMENTS:
+                    _check(x, g, method, w)
+                ours = _median_time(
+                    lambda m=method, w=w: dispatch.fake_quantize(x, g, m, w, backend="cpu"),
+                    min_time,
+                )
+                trips = cpu_backend._LAST_TRIPS[0]
+                ref = None
+                if x.numel() <= REF_MAX_ELEMENTS:
+                    ref = _median_time(
+                        lambda m=method, w=w: dispatch.fake_quantize(x, g, m, w, backend="torch"),
+                        min_time / 4,
+                        max_reps=5,
+                    )
+                base = ours if method == "absmax" else base
+                pct = None
+                if method in OPS_PER_EVAL:
+                    lane_ops = trips * 256 * OPS_PER_EVAL[method]
+                    pct = 100 * lane_ops / (ours * peak * torch.get_num_threads())
+                row = {
+                    "shape": name,
+                    "T": t,
+                    "method": method,
+                    "elements": x.numel(),
+                    "ms": ours * 1e3,
+                    "melem_per_s": x.numel() / ours / 1e6,
+                    "ref_ms": None if ref is None else ref * 1e3,
+                    "speedup_vs_ref": None if ref is None else ref / ours,
+                    "vs_absmax": ours / base,
+                    "matmul_ms": None if mm is None else mm * 1e3,
+                    "vs_matmul": None if mm is None else ours / mm,
+                    "evals_per_tile": trips / max(1, -(-x.numel() // 256)),
+                    "pct_of_vector_peak": pct,
+                }
+                rows.append(row)
+
+                def f(v, fmt):
+                    return "-" if v is None else format(v, fmt)
+
+                print(
+                    f"{name:<10}{t:>6}{method:>8}{row['ms']:>10.3f}{row['melem_per_s']:>10.1f}"
+                    f"{f(row['speedup_vs_ref'], '.0f'):>9}{row['vs_absmax']:>9.2f}"
+                    f"{f(row['vs_matmul'], '.2f'):>9}{f(pct, '.0f'):>7}"
+                )
+    out = Path(os.environ.get("OUT", "benchmarks/out"))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "bench_cpu_quant.json"
+    path.write_text(
+        json.dumps({"environment": env, "peak_lane_ops_per_s": peak, "rows": rows}, indent=2) + "\n"
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
