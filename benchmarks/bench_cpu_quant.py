@@ -142,14 +142,18 @@ def main() -> None:
                 if args.check and x.numel() <= REF_MAX_ELEMENTS:
                     _check(x, g, method, w)
                 ours = _median_time(
-                    lambda m=method, w=w: dispatch.fake_quantize(x, g, m, w, backend="cpu"),
+                    lambda m=method, w=w, x=x, g=g: dispatch.fake_quantize(
+                        x, g, m, w, backend="cpu"
+                    ),
                     min_time,
                 )
                 trips = cpu_backend._LAST_TRIPS[0]
                 ref = None
                 if x.numel() <= REF_MAX_ELEMENTS:
                     ref = _median_time(
-                        lambda m=method, w=w: dispatch.fake_quantize(x, g, m, w, backend="torch"),
+                        lambda m=method, w=w, x=x, g=g: dispatch.fake_quantize(
+                            x, g, m, w, backend="torch"
+                        ),
                         min_time / 4,
                         max_reps=5,
                     )
