@@ -237,7 +237,8 @@ def quantize_model(
     if isinstance(model, nn.Module):
         src_dir, config = None, model.config
     else:
-        src_dir = resolve_model_dir(model)
+        with _quiet_transformers(not progress):  # a GGUF conversion loads a model too
+            src_dir = resolve_model_dir(model)
         config = load_config(src_dir, trust_remote_code)
     cal_docs, cal_source = data.load_calibration_source(calib)
     width = cal_docs.shape[1] if isinstance(cal_docs, torch.Tensor) else seq_len
