@@ -19,6 +19,10 @@ __all__ = ["OBJECTIVES", "SCHEMES", "Scheme", "get_scheme", "check_objective", "
 
 #: Block-scale objectives for weights (and the runtime method for activations/KV/query).
 OBJECTIVES = METHODS
+#: Objectives accepted by ``quantize_model`` for the evaluation only: the peer
+#: baseline four-over-six (best of amax/6 and amax/4 per block by MSE); its
+#: checkpoints record a runtime method the plugin does not serve.
+BASELINE_OBJECTIVES = ("four_over_six",)
 
 
 @dataclass(frozen=True)
@@ -48,8 +52,9 @@ def get_scheme(name: str) -> Scheme:
 
 
 def check_objective(objective: str) -> str:
-    """Validate a weight objective (absmax | mse | wmse)."""
-    if objective not in OBJECTIVES:
+    """Validate a weight objective (absmax | mse | wmse, or a baseline of
+    :data:`BASELINE_OBJECTIVES`)."""
+    if objective not in OBJECTIVES + BASELINE_OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     return objective
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import kernels, nvfp4
+from .. import kernels, nvfp4, sweep
 from .gptq import GPTQConfig, gptq_quantize, output_error
 
 __all__ = ["GroupMember", "QuantizedLinear", "quantize_group"]
@@ -66,6 +66,15 @@ def _errors(
     return mse, wmse
 
 
+def _quantize(w, g_w, objective, ww):
+    """Codes and scales of one weight; ``four_over_six`` (an evaluation baseline, not
+    a kernel method) by the torch reference."""
+    if objective == "four_over_six":
+        scales = sweep.four_over_six_scales(w, g_w)
+        return nvfp4.pack_fp4(sweep.quantize_codes(w, g_w, scales)), scales
+    return kernels.quantize(w, g_w, method=objective, weight=ww if objective == "wmse" else None)
+
+
 def quantize_group(
     members: list[GroupMember],
     objective: str,
@@ -99,9 +108,7 @@ def quantize_group(
                 f"layer {m.name}: weight has NaN/Inf values; NVFP4 cannot represent them"
             )
         ww = m.wmse_weight.to(w.device) if m.wmse_weight is not None else None
-        packed, scales = kernels.quantize(
-            w, g_w, method=objective, weight=ww if objective == "wmse" else None
-        )
+        packed, scales = _quantize(w, g_w, objective, ww)
         rec = {}
         if metrics:
             w_hat = kernels.dequantize(packed, scales, g_w, dtype=torch.float32)

@@ -36,8 +36,10 @@ __all__ = [
     "FORMAT_VERSION",
     "SIDE_FILES",
     "build_quantization_config",
+    "checkpoint_contents",
     "check_output",
     "literal_quantization_config",
+    "metadata",
     "staging_dir",
     "write_checkpoint",
 ]
@@ -240,6 +242,69 @@ def _save_sharded(tensors: dict[str, torch.Tensor], out: Path) -> list[str]:
     return files
 
 
+def metadata(
+    scheme: Scheme,
+    objective: str,
+    convention: str,
+    attention: dict[str, dict],
+    ignore: list[str],
+    calibration: dict,
+    gptq: dict | None,
+    source_name: str,
+    files: list[str],
+) -> dict:
+    """The content of scalesweep.json (docs/CHECKPOINT.md)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "scheme": scheme.name,
+        "objective": objective,
+        "bounds_version": BOUNDS_VERSION,
+        "global_scale_convention": convention,
+        "group_size": BLOCK_SIZE,
+        "activations": {"enabled": scheme.activations, "method": objective},
+        "kv_cache": {"enabled": scheme.kv_cache, "method": objective},
+        "query": {"enabled": scheme.query, "method": objective},
+        "vectors_file": VECTORS_FILE,
+        "attention": attention,
+        "ignore": list(ignore),
+        "calibration": calibration,
+        "gptq": gptq or {"enabled": False},
+        "weight_files": files,
+        "source_model": source_name,
+        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "scalesweep_vllm_version": __version__,
+    }
+
+
+def checkpoint_contents(
+    model: nn.Module,
+    quantized: dict[str, QuantizedLinear],
+    ignore: list[str],
+    scheme: Scheme,
+    objective: str,
+    convention: str,
+    attention: dict[str, dict],
+    vectors: dict[str, torch.Tensor],
+    source_name: str,
+    calibration: dict,
+    gptq: dict | None = None,
+) -> dict:
+    """What :func:`write_checkpoint` would write, kept in memory (the evaluation's
+    in-memory recipes): ``tensors`` (the safetensors content), ``config`` (the config
+    object of config.json), ``meta`` (scalesweep.json) and ``vectors`` (fp32, CPU)."""
+    cfg = copy.deepcopy(model.config)
+    cfg.quantization_config = build_quantization_config(scheme, ignore)
+    cfg.dtype = torch.bfloat16
+    return {
+        "tensors": _state_dict(model, quantized, scheme.activations),
+        "config": cfg,
+        "meta": metadata(
+            scheme, objective, convention, attention, ignore, calibration, gptq, source_name, []
+        ),
+        "vectors": {k: v.detach().to("cpu", torch.float32) for k, v in vectors.items()},
+    }
+
+
 def write_checkpoint(
     out: Path,
     model: nn.Module,
@@ -273,26 +338,9 @@ def write_checkpoint(
         str(out / VECTORS_FILE),
         metadata={"format": "pt"},
     )
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "scheme": scheme.name,
-        "objective": objective,
-        "bounds_version": BOUNDS_VERSION,
-        "global_scale_convention": convention,
-        "group_size": BLOCK_SIZE,
-        "activations": {"enabled": scheme.activations, "method": objective},
-        "kv_cache": {"enabled": scheme.kv_cache, "method": objective},
-        "query": {"enabled": scheme.query, "method": objective},
-        "vectors_file": VECTORS_FILE,
-        "attention": attention,
-        "ignore": list(ignore),
-        "calibration": calibration,
-        "gptq": gptq or {"enabled": False},
-        "weight_files": files,
-        "source_model": source_name,
-        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "scalesweep_vllm_version": __version__,
-    }
+    meta = metadata(
+        scheme, objective, convention, attention, ignore, calibration, gptq, source_name, files
+    )
     (out / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     copied = set()

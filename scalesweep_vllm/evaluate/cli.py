@@ -1,0 +1,101 @@
+"""``scalesweep-eval``: the evaluation from the command line (JSON out)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..nvfp4 import GLOBAL_SCALE_TARGETS
+from ..runtime import RUNTIME_METHODS
+from .run import DEFAULT_SEQ_LEN, DEFAULT_TOKENS, RECIPES, SETTINGS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="scalesweep-eval",
+        description="Perplexity, KL divergence to BF16 (mean, 99th percentile) and top-1 "
+        "agreement on held-out Wikipedia text (the last 2,000 intros), for a recipe "
+        "quantized in memory or an NVFP4 compressed-tensors checkpoint, computed as the "
+        "vLLM plugin serves it.",
+    )
+    p.add_argument("--model", help="base HF model folder (default: SmolLM2-135M-Instruct)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--recipe", choices=RECIPES, help="quantize in memory with this weight method")
+    src.add_argument(
+        "--checkpoint",
+        help="an NVFP4 checkpoint folder (ours or any compressed-tensors one; without "
+        "scalesweep.json it runs as stock vLLM: AbsMax activations)",
+    )
+    p.add_argument(
+        "--global-scale",
+        choices=sorted(GLOBAL_SCALE_TARGETS),
+        default="paper",
+        help="recipe's global scale: paper = 256*6/amax (default), compressed-tensors = 448*6/amax",
+    )
+    p.add_argument(
+        "--setting",
+        action="append",
+        choices=[*SETTINGS, "all"],
+        help="what is quantized (repeatable; 'all' = the four). Default: W4A4 for a recipe, "
+        "the checkpoint's own for a checkpoint",
+    )
+    p.add_argument(
+        "--runtime-method",
+        choices=RUNTIME_METHODS,
+        help="method of every runtime part (activations, KV, query); default: the recipe's "
+        "/ the checkpoint's",
+    )
+    p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="evaluation tokens")
+    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="window length")
+    p.add_argument("--batch-size", type=int, default=2, help="windows per forward")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="torch CPU threads (1 on a busy 2-core machine)")
+    p.add_argument("--num-samples", type=int, help="calibration samples (quantizer default)")
+    p.add_argument("--calib-seq-len", type=int, help="calibration sample length")
+    p.add_argument("--cache", help="BF16 reference cache folder (default $SCALESWEEP_CACHE/eval)")
+    p.add_argument("--output", help="write the JSON here (it is printed too)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from .run import evaluate
+
+    settings = args.setting
+    if settings and "all" in settings:
+        settings = list(SETTINGS)
+    if settings is None and args.recipe not in (None, "bf16"):
+        settings = ["W4A4"]
+    res = evaluate(
+        model=args.model,
+        recipe=args.recipe,
+        checkpoint=args.checkpoint,
+        global_scale=args.global_scale,
+        settings=settings,
+        runtime_method=args.runtime_method,
+        tokens=args.tokens,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.no_progress,
+        cache=Path(args.cache) if args.cache else None,
+        num_samples=args.num_samples,
+        calib_seq_len=args.calib_seq_len,
+    )
+    res["command"] = "scalesweep-eval " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = json.dumps(res, indent=2)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
