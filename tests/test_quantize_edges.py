@@ -11,26 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from _quantize_models import calib_tokens, save_tiny_model, save_tiny_tokenizer
+from _quantize_models import calib_tokens
 from safetensors.torch import load_file, save_file
 
 from scalesweep_vllm.quantize import cli, data, preflight, quantize_model, writer
 from scalesweep_vllm.quantize import pipeline as pipeline_mod
 from scalesweep_vllm.quantize.report import format_report
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    path = save_tiny_model("llama", tmp_path_factory.mktemp("src") / "tiny-llama")
-    save_tiny_tokenizer(path)
-    return path
-
-
-@pytest.fixture
-def calib(tmp_path) -> Path:
-    p = tmp_path / "calib.txt"
-    p.write_text("The quick brown fox jumps over the lazy dog.\n\n" * 40)
-    return p
 
 
 @pytest.fixture
@@ -88,21 +74,21 @@ def test_overwrite_refuses_model_and_calibration_folders(model_copy, tmp_path, h
     assert _snapshot(work) == before
 
 
-def test_overwrite_refuses_a_foreign_folder_even_empty_of_model(tiny, tmp_path, calib, capsys):
+def test_overwrite_refuses_a_foreign_folder_even_empty_of_model(tiny, tmp_path, calib_txt, capsys):
     out = tmp_path / "photos"
     out.mkdir()
     (out / "holiday.jpg").write_bytes(b"\xff\xd8 not ours")
-    assert _run(tiny, out, "--overwrite", calib_file=calib) == 2
+    assert _run(tiny, out, "--overwrite", calib_file=calib_txt) == 2
     assert "not written by scalesweep-quantize" in capsys.readouterr().err
     assert (out / "holiday.jpg").read_bytes() == b"\xff\xd8 not ours"
 
 
-def test_overwrite_checks_run_before_the_model_loads(tiny, tmp_path, calib, no_load):
+def test_overwrite_checks_run_before_the_model_loads(tiny, tmp_path, calib_txt, no_load):
     out = tmp_path / "photos"
     out.mkdir()
     (out / "a.txt").write_text("x")
-    assert _run(tiny, out, "--overwrite", calib_file=calib) == 2
-    assert _run(tiny, tiny / "sub", "--overwrite", calib_file=calib) == 2
+    assert _run(tiny, out, "--overwrite", calib_file=calib_txt) == 2
+    assert _run(tiny, tiny / "sub", "--overwrite", calib_file=calib_txt) == 2
 
 
 # -- 2. nothing quantized is an error ------------------------------------------------
@@ -167,10 +153,10 @@ def test_encoder_without_lm_head_is_refused(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_already_quantized_input_is_refused(tiny, tmp_path, calib, capsys, monkeypatch):
+def test_already_quantized_input_is_refused(tiny, tmp_path, calib_txt, capsys, monkeypatch):
     ck = tmp_path / "ck"
     quantize_model(tiny, ck, calib=calib_tokens(), num_samples=2, seq_len=16, progress=False)
-    assert _run(ck, tmp_path / "again", calib_file=calib) == 2
+    assert _run(ck, tmp_path / "again", calib_file=calib_txt) == 2
     assert "already quantized" in capsys.readouterr().err
     (ck / "scalesweep.json").unlink()  # a stock compressed-tensors checkpoint
     with pytest.raises(ValueError, match="already quantized .compressed-tensors.; pass the bf16"):
@@ -260,11 +246,11 @@ def test_jsonl_field_and_token_shortfall_are_reported(tiny, tmp_path, capsys):
 # -- 5. --seq-len within the model's positions ------------------------------------------
 
 
-def test_seq_len_beyond_positions(tiny, tmp_path, calib, capsys, no_load):
-    assert _run(tiny, tmp_path / "o", "--seq-len", "512", calib_file=calib) == 2
+def test_seq_len_beyond_positions(tiny, tmp_path, calib_txt, capsys, no_load):
+    assert _run(tiny, tmp_path / "o", "--seq-len", "512", calib_file=calib_txt) == 2
     assert "exceeds the 256 positions" in capsys.readouterr().err
     gpt2 = _gpt2(tmp_path / "gpt2", n_positions=32)
-    assert _run(gpt2, tmp_path / "o", "--seq-len", "64", calib_file=calib) == 2
+    assert _run(gpt2, tmp_path / "o", "--seq-len", "64", calib_file=calib_txt) == 2
     assert "exceeds the 32 positions" in capsys.readouterr().err
 
 
@@ -320,35 +306,35 @@ def test_kv_and_query_schemes_need_head_dim_multiple_of_16(tmp_path, monkeypatch
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize("device", ["cuda", "cuda:0", "gpu", "mps", "tpu:3"])
-def test_bad_device_before_the_model_loads(tiny, tmp_path, calib, device, capsys, no_load):
-    assert _run(tiny, tmp_path / "o", "--device", device, calib_file=calib) == 2
+def test_bad_device_before_the_model_loads(tiny, tmp_path, calib_txt, device, capsys, no_load):
+    assert _run(tiny, tmp_path / "o", "--device", device, calib_file=calib_txt) == 2
     err = capsys.readouterr().err
     assert "error: --device" in err and "Traceback" not in err
 
 
-def test_read_only_parent(tiny, tmp_path, calib, capsys, no_load):
+def test_read_only_parent(tiny, tmp_path, calib_txt, capsys, no_load):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        assert _run(tiny, ro / "out", calib_file=calib) == 2
+        assert _run(tiny, ro / "out", calib_file=calib_txt) == 2
         assert "read-only" in capsys.readouterr().err
     finally:
         ro.chmod(0o755)
     assert not list(ro.iterdir())
 
 
-def test_not_enough_space_before_loading(tiny, tmp_path, calib, capsys, monkeypatch, no_load):
+def test_not_enough_space_before_loading(tiny, tmp_path, calib_txt, capsys, monkeypatch, no_load):
     need = preflight.estimate_checkpoint_bytes(tiny)
     size = sum(f.stat().st_size for f in tiny.glob("*.safetensors"))
     assert 0.1 * size < need < size  # NVFP4 Linears, bf16 rest, from the fp32 headers alone
     real = shutil.disk_usage
     monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: real(p)._replace(free=need // 2))
-    assert _run(tiny, tmp_path / "o", calib_file=calib) == 2
+    assert _run(tiny, tmp_path / "o", calib_file=calib_txt) == 2
     assert "not enough space" in capsys.readouterr().err
 
 
-def test_disk_full_while_writing_leaves_nothing(tiny, tmp_path, calib, capsys, monkeypatch):
+def test_disk_full_while_writing_leaves_nothing(tiny, tmp_path, calib_txt, capsys, monkeypatch):
     real = writer.save_file
 
     def full(tensors, path, **k):
@@ -357,23 +343,23 @@ def test_disk_full_while_writing_leaves_nothing(tiny, tmp_path, calib, capsys, m
 
     monkeypatch.setattr(writer, "save_file", full)
     out = tmp_path / "o"
-    assert _run(tiny, out, calib_file=calib) == 2
+    assert _run(tiny, out, calib_file=calib_txt) == 2
     err = capsys.readouterr().err
     assert "error: No space left on device" in err and "Traceback" not in err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt"]
 
 
-def test_config_only_and_truncated_weights(tiny, tmp_path, calib, capsys, no_load):
+def test_config_only_and_truncated_weights(tiny, tmp_path, calib_txt, capsys, no_load):
     only = tmp_path / "only-config"
     only.mkdir()
     shutil.copy(tiny / "config.json", only / "config.json")
-    assert _run(only, tmp_path / "o", calib_file=calib) == 2
+    assert _run(only, tmp_path / "o", calib_file=calib_txt) == 2
     assert "no weights" in capsys.readouterr().err
     cut = tmp_path / "truncated"
     shutil.copytree(tiny, cut)
     f = cut / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    assert _run(cut, tmp_path / "o", calib_file=calib) == 2
+    assert _run(cut, tmp_path / "o", calib_file=calib_txt) == 2
     assert "truncated safetensors" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -381,14 +367,14 @@ def test_config_only_and_truncated_weights(tiny, tmp_path, calib, capsys, no_loa
 # -- 9. GGUF, --quiet, the report's objective ---------------------------------------------
 
 
-def test_gguf_paths(tmp_path, calib, capsys, monkeypatch):
+def test_gguf_paths(tmp_path, calib_txt, capsys, monkeypatch):
     folder = tmp_path / "g"
     folder.mkdir()
     (folder / "model.Q4_0.gguf").write_bytes(b"GGUF not really")
-    assert _run(folder, tmp_path / "o", calib_file=calib) == 2
+    assert _run(folder, tmp_path / "o", calib_file=calib_txt) == 2
     assert "GGUF file but no config.json" in capsys.readouterr().err
     monkeypatch.setenv("SCALESWEEP_CACHE", str(tmp_path / "cache"))
-    assert _run(folder / "model.Q4_0.gguf", tmp_path / "o", calib_file=calib) == 2
+    assert _run(folder / "model.Q4_0.gguf", tmp_path / "o", calib_file=calib_txt) == 2
     assert "cannot convert this GGUF file" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -418,11 +404,11 @@ def test_gguf_file_is_converted_once_and_quantized(tiny, tmp_path, monkeypatch):
     assert cli.default_output(str(g), "W4A4", "wmse").name == "tiny-nvfp4-W4A4-wmse"
 
 
-def test_quiet_hides_transformers_progress(tiny, tmp_path, calib, capfd):
+def test_quiet_hides_transformers_progress(tiny, tmp_path, calib_txt, capfd):
     from transformers.utils import logging as tlog
 
     assert tlog.is_progress_bar_enabled()
-    assert _run(tiny, tmp_path / "o", calib_file=calib) == 0
+    assert _run(tiny, tmp_path / "o", calib_file=calib_txt) == 0
     cap = capfd.readouterr()
     assert cap.out == "" and "Loading" not in cap.err and "%|" not in cap.err, cap.err
     assert tlog.is_progress_bar_enabled()  # restored

@@ -6,26 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from _quantize_models import calib_tokens, save_tiny_model, save_tiny_tokenizer
+from _quantize_models import calib_tokens, save_tiny_model
 from safetensors.torch import load_file, save_file
 
 from scalesweep_vllm.quantize import cli, quantize_model, writer
 from scalesweep_vllm.quantize import pipeline as pipeline_mod
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """A tiny Llama with a tokenizer (so text calibration works)."""
-    path = save_tiny_model("llama", tmp_path_factory.mktemp("src") / "tiny-llama")
-    save_tiny_tokenizer(path)
-    return path
-
-
-@pytest.fixture
-def calib_txt(tmp_path) -> Path:
-    p = tmp_path / "calib.txt"
-    p.write_text("The quick brown fox jumps over the lazy dog.\n\n" * 40)
-    return p
 
 
 def _leftovers(parent: Path) -> list[str]:
