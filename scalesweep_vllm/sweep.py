@@ -458,12 +458,15 @@ def sweep_bounds(
       (``bound(E_1) >= bound(E'(c0))`` since E_1 <= E'(c0)); ``lo`` is
       ``min(lo1, bound(E_1))``. c0 - 3 (the authors' "certified" floor) is not
       used as a bound: it is false at c0 = 126, where no code above 448
-      exists and rounding may put 448 up to 3.7% above m/6 (e.g. 15 elements at
-      0.67-0.94 of m: an exact optimum at 118 < 123, 1% below the best in
-      [123, 126]; tests/test_sweep.py). An adversarial float64 search at c0 =
-      100..125 found no block whose optimum lies below c0 - 3, but it is no
-      proof; stage 2 makes the floor unnecessary, and is empty on almost every
-      block (Gaussian: 1 in 10^4), so the window costs what it did.
+      exists and rounding may put 448 up to 3.7% above m/6. Example
+      (tests/test_sweep.py::C0_126_BLOCK): m/6 = 432.13, fourteen elements at
+      0.74-0.81 m and one at 0.47 m; the exact optimum is code 122 (320), whose
+      error is 0.99x the best in [123, 126]. An adversarial float64 search
+      (hill climbing, 1024 blocks per code) at c0 = 100..125 found no block
+      whose optimum lies below c0 - 3 (smallest relative margin +0.55), but
+      that is no proof, and none is needed: stage 2 covers those codes. It is
+      empty on almost every block (Gaussian: about 1 in 10^4), so the sweep
+      costs what it did.
     """
     g, weight = validate(x, global_scale, weight)
     a, w = _objective(x, g, weight)

@@ -23,9 +23,16 @@ Tile: ``BM`` consecutive 16-element blocks (flattened over rows and K/16), each 
 held by one thread as four ``[BM, 4]`` quarters (a single ``[BM, 16]`` load would be
 split over two threads by the 16-byte vector width, costing a shuffle and doubling the
 per-block work in the loop). The candidate loop runs over each block's own window
-``[lo, hi]`` (the reference's ``_bounds_blocks``) for ``max(hi - lo) + 1`` trips per
-tile, masking blocks whose window is shorter. With ``USE_TABLE`` the per-candidate
+``[lo, hi]`` (the reference's ``_stage1_blocks``) for ``max(hi - lo) + 1`` trips per
+tile, masking blocks whose window is shorter; MSE then runs the reference's second
+stage ``[lo2, lo - 1]`` (zero trips on almost every tile). The loops are ``while``
+loops: Triton 3.6's interpreter turns a tensor ``range()`` bound into ``int()`` of a
+1-element array, which numpy >= 2.4 refuses. With ``USE_TABLE`` the per-candidate
 constants ``G / v`` and ``v^2`` come from a 256-entry table (``table_kernel``).
+
+Before the sweep, as in ``sweep._objective``: magnitudes with ``|x| * G < 2^-12`` are
+set to 0 (their codes are 0 either way) and WMSE weights are normalised per block by
+a power of two (largest in [1, 2), those below 2^-40 set to 0).
 """
 
 import triton
