@@ -311,3 +311,17 @@ def test_auto_uses_the_extension_on_cpu(monkeypatch):
     dispatch.fake_quantize(torch.randn(2, 32), 10.0, "mse")
     dispatch.fake_quantize(torch.randn(2, 32), 10.0, "mse", backend="torch")
     assert calls == [1]
+
+
+def test_cached_weights_and_scales_follow_in_place_changes():
+    """The per-tensor caches of prepared weights and global scales never serve stale values."""
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(4, 3, 64, generator=gen).to(torch.bfloat16)
+    w = torch.rand(3, 64, generator=gen)
+    g = torch.tensor([50.0])
+    for _ in range(2):
+        check_cpu(x, g, "wmse", w)
+        w.mul_(0.0)
+        w[1, 5] = 1.0  # in place: same tensor, new values
+        g.mul_(4.0)
+    check_cpu(x, g, "wmse", w.clone())  # a new tensor with the same values

@@ -430,10 +430,10 @@ void run(const T* x, const Args& p, uint8_t* packed, uint8_t* scales, T* out, fl
 // x: contiguous [R, K] float32/float16/bfloat16; w: contiguous fp32 [period, K]
 // (row r of x uses row r % period) or an empty tensor. Returns (packed uint8
 // [R, K/2] or the fake-quantized [R, K] in x's dtype, scale codes uint8 [R, K/16],
-// stats fp64 [3] = (max|x| (fp32), non-finite elements, candidate evaluations per
-// 16-block tile, summed over tiles: the sweep's work, for the benchmark)).
-std::vector<torch::Tensor> nvfp4_cpu(torch::Tensor x, double g, int64_t method,
-                                     torch::Tensor w, int64_t period, bool fake) {
+// max|x| * G in fp32 over the finite elements, the count of non-finite elements,
+// candidate evaluations per 16-block tile summed over tiles: the benchmark's work).
+std::tuple<torch::Tensor, torch::Tensor, double, int64_t, int64_t> nvfp4_cpu(
+    torch::Tensor x, double g, int64_t method, torch::Tensor w, int64_t period, bool fake) {
   TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() == 2, "x: contiguous 2-D CPU");
   TORCH_CHECK(x.size(1) % BS == 0, "K must be a multiple of 16");
   TORCH_CHECK(method >= 0 && method <= 2, "method");
@@ -468,8 +468,8 @@ std::vector<torch::Tensor> nvfp4_cpu(torch::Tensor x, double g, int64_t method,
     default:
       TORCH_CHECK(false, "x must be float32, float16 or bfloat16");
   }
-  torch::Tensor stats = torch::tensor({double(amax), double(bad), double(trips)}, torch::kFloat64);
-  return {main, scales, stats};
+  const float scaled_max = amax * p.g;  // fp32, as sweep.validate computes max|x| * G
+  return {main, scales, double(scaled_max), bad, trips};
 }
 
 // packed uint8 [R, K/2], scale bytes uint8 [R, K/16] -> (v / G) * q in dtype, with
