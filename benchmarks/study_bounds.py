@@ -5,7 +5,9 @@ Prints four tables and writes them as JSON to ``${OUT:-benchmarks/out}/study_bou
 1. candidates per block under our bounds (MSE, WMSE) vs 126 and the paper's windows;
 2. error reduction of ScaleSweep vs AbsMax and vs four-over-six;
 3. the global-scale convention (block-scale ceiling T in G = T*6/amax);
-4. an adversarial search for blocks whose exhaustive MSE optimum lies below c0-3.
+4. where the exhaustive MSE optimum lies below c0-3 (the old, false floor): two-level
+   blocks at mid-range codes, and unsaturated blocks at the top of the FP8 range
+   (AbsMax codes 100..126, the other fifteen clustered at 0.6-0.9 of the maximum).
 
 Usage: python benchmarks/study_bounds.py [--blocks N] [--seed S]
 """
@@ -51,6 +53,8 @@ def table_candidates(n, gen):
             k = (hi - lo + 1).float()
             ex = sweep.sweep_codes(x, g, w, exhaustive=True)
             c0 = sweep.absmax_codes(x, g)
+            # MSE: blocks whose window reaches below c0 - 3 (the sweep's second stage)
+            stage2 = float((lo < c0 - 3).float().mean()) if w is None else 0.0
             rows.append(
                 {
                     "data": name,
@@ -62,6 +66,7 @@ def table_candidates(n, gen):
                     "bounded_equals_exhaustive": bool(torch.equal(ex, sweep.sweep_codes(x, g, w))),
                     "optimum_offset_min": int((ex - c0).min()),
                     "optimum_offset_max": int((ex - c0).max()),
+                    "stage2_fraction": stage2,
                 }
             )
     return rows
@@ -120,6 +125,43 @@ def table_global_scale(n, gen):
         for k in ("absmax", "4over6", "sweep_mse"):
             r[k + "_vs_absmax_448"] = r[k] / base["absmax"]
             r[k + "_top_vs_absmax_448"] = r[k + "_top"] / base["absmax_top"]
+    return rows
+
+
+def top_of_range_blocks(c0: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """Unsaturated blocks (for G = 1) with AbsMax code c0 (m/6 rounds to it; at c0 =
+    126 up to 448 * 1.01), the other fifteen clustered at 0.6-0.9 m (tests/test_sweep.py
+    has the same class)."""
+    fp8 = nvfp4.fp8_values()
+    v = fp8[c0]
+    lo = (fp8[c0 - 1] + v) / 2
+    hi = (fp8[c0 + 1] + v) / 2 if c0 < 126 else 448 * 1.01
+    m = 6 * (lo + (hi - lo) * torch.rand(n, 1, generator=gen))
+    centre = 0.6 + 0.3 * torch.rand(n, 1, generator=gen)
+    width = 0.15 * torch.rand(n, 1, generator=gen)
+    return torch.cat([m, m * (centre + width * (torch.rand(n, 15, generator=gen) - 0.5))], 1)
+
+
+def top_of_range(n, gen):
+    """Per AbsMax code 100..126: the lowest optimum offset and how many blocks have
+    their exhaustive MSE optimum below c0 - 3; bounded == exhaustive on all of them."""
+    rows = []
+    for c0 in range(100, 127):
+        x = top_of_range_blocks(c0, n, gen)
+        ex = sweep.sweep_codes(x, 1.0, exhaustive=True).flatten()
+        lo, _ = sweep.sweep_bounds(x, 1.0)
+        rows.append(
+            {
+                "c0": c0,
+                "blocks": n,
+                "min_offset": int((ex - c0).min()),
+                "below_c0_minus_3": int((ex < c0 - 3).sum()),
+                "stage2_blocks": int((lo.flatten() < c0 - 3).sum()),
+                "bounded_equals_exhaustive": bool(
+                    torch.equal(sweep.sweep_codes(x, 1.0).flatten(), ex)
+                ),
+            }
+        )
     return rows
 
 
@@ -188,8 +230,9 @@ def main() -> None:
                 "paper_window",
                 "exhaustive",
                 "bounded_equals_exhaustive",
+                "stage2_fraction",
             ],
-            ["", "", ".2f", "d", "d", "d", ""],
+            ["", "", ".2f", "d", "d", "d", "", ".5f"],
         )
     )
     res["reduction"] = table_reduction(args.blocks, gen)
@@ -237,6 +280,22 @@ def main() -> None:
     )
     res["adversarial"] = adversarial_lower_offset(args.blocks * 2, gen)
     print("\n4. adversarial two-level blocks, exhaustive MSE optimum vs c0:", res["adversarial"])
+    res["top_of_range"] = top_of_range(max(args.blocks // 32, 256), gen)
+    print("   unsaturated blocks at the top of the FP8 range (G = 1):")
+    print(
+        fmt_table(
+            res["top_of_range"],
+            [
+                "c0",
+                "blocks",
+                "min_offset",
+                "below_c0_minus_3",
+                "stage2_blocks",
+                "bounded_equals_exhaustive",
+            ],
+            ["d", "d", "d", "d", "d", ""],
+        )
+    )
     out = os.environ.get("OUT", "benchmarks/out")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "study_bounds.json"), "w") as f:
