@@ -112,13 +112,20 @@ def _load_quantized(src_model, ckpt: Path):
     tensors = {}
     for f in sorted(set(index["weight_map"].values())):
         tensors.update(load_file(ckpt / f))
-    vectors = load_file(ckpt / "scalesweep_vectors.safetensors")
-    meta = json.loads((ckpt / "scalesweep.json").read_text())
+    ours = (ckpt / "scalesweep.json").is_file()
+    # a peer's checkpoint (no scalesweep.json): AbsMax activations, as stock vLLM runs it
+    vectors = load_file(ckpt / "scalesweep_vectors.safetensors") if ours else {}
+    method = (
+        json.loads((ckpt / "scalesweep.json").read_text())["activations"]["method"]
+        if ours
+        else "absmax"
+    )
     acts, summed = {}, {}
     names = [k[: -len(".weight_packed")] for k in tensors if k.endswith(".weight_packed")]
     for name in names:  # fused partners share one input: the plugin sums their vectors
         g = _group_id(name)
-        summed[g] = summed.get(g, 0) + vectors[f"{name}.input_weight"]
+        if ours:
+            summed[g] = summed.get(g, 0) + vectors[f"{name}.input_weight"]
     for name in names:
         w = kernels.dequantize(
             tensors[f"{name}.weight_packed"],
@@ -128,8 +135,9 @@ def _load_quantized(src_model, ckpt: Path):
         )
         mod = model.get_submodule(name)
         mod.weight.data = w.to(torch.float32)
-        acts[mod] = (tensors[f"{name}.input_global_scale"], summed[_group_id(name)])
-    return model, acts, meta["activations"]["method"]
+        if f"{name}.input_global_scale" in tensors:
+            acts[mod] = (tensors[f"{name}.input_global_scale"], summed.get(_group_id(name)))
+    return model, acts, method
 
 
 def _act_hooks(acts: dict, method: str):
@@ -203,7 +211,9 @@ def table(result: dict) -> str:
     ]
     ref = " | ".join(f"0 | {ev[m]['bf16']['ppl']:.3f} | -" for m in ev)
     lines.append(f"| bf16 | - | - | - | - | {ref} |")
-    for name, r in q.items():
+    names = list(q) + [n for n in ev[next(iter(ev))] if n not in q and n != "bf16"]
+    for name in names:
+        r = q.get(name, {"wall_s": float("nan"), "cpu_s": float("nan"), "out_err_gptq": None})
         ratio = f"{r['wall_s'] / rtn['wall_s']:.2f}x" if rtn else "-"
         err = r["out_err_gptq"] if r["out_err_gptq"] is not None else None
         if name == "rtn" and "gptq" in q:
@@ -238,6 +248,14 @@ def main(argv=None) -> int:
     p.add_argument("--w4a4-texts", type=int, default=40)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--reuse", action="store_true", help="reuse checkpoints in --workdir")
+    p.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="also evaluate this checkpoint folder (e.g. a peer's; without scalesweep.json "
+        "its W4A4 activations are quantized by AbsMax, as stock vLLM does)",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -250,9 +268,11 @@ def main(argv=None) -> int:
     result["quantize"] = quantize_variants(
         names, args.workdir, args.num_samples, args.seq_len, args.reuse
     )
-    result["eval"] = evaluate(
-        result["quantize"], args.eval_texts, args.eval_tokens, args.w4a4_texts
-    )
+    ckpts = dict(result["quantize"])
+    for item in args.extra:
+        name, _, path = item.partition("=")
+        ckpts[name] = {"checkpoint": path}
+    result["eval"] = evaluate(ckpts, args.eval_texts, args.eval_tokens, args.w4a4_texts)
     text = table(result)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
