@@ -1,7 +1,7 @@
 """Shared pieces of the plugin tests: a tiny checkpoint from the real offline
 quantizer and a transformers reference with the same quantize-dequantize.
 
-The reference is written independently of the plugin (no vLLM, no plugin code):
+The reference is the evaluation's quantized forward (no vLLM, no plugin code):
 it decodes weights with the kernels' ``dequantize``, fake-quantizes every
 quantized Linear's input with its ``input_global_scale`` and the fused partners'
 summed ``input_weight``, and Q/K/V after the rotary embedding per 16 along
@@ -11,14 +11,11 @@ head_dim with the global scales and vectors of ``scalesweep.json``.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 from pathlib import Path
 
 import torch
-
-from scalesweep_vllm import kernels
 
 #: head_dim 64 (a size vLLM's CPU attention supports), GQA 4:2, two layers, tied
 #: embeddings, the real SmolLM2 tokenizer. Random weights with a wide init so the
@@ -49,8 +46,6 @@ PROMPTS = [
     "def fibonacci(n):",
     "The largest planet in the solar system",
 ]
-
-FUSED = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gu", "up_proj": "gu"}
 
 
 def _root(tmp_path_factory) -> Path:
@@ -105,87 +100,24 @@ def free_port() -> int:
 # ---------------------------------------------------------------------------
 
 
-def _fused_key(name: str) -> str:
-    head, _, last = name.rpartition(".")
-    return f"{head}.{FUSED[last]}" if last in FUSED else name
-
-
 def reference_model(ckpt: Path, activations=True, kv_cache=True, query=True, dtype=torch.bfloat16):
-    """A transformers Llama computing what the checkpoint asks for, in ``dtype`` (the
+    """A transformers model computing what the checkpoint asks for, in ``dtype`` (the
     weights decoded straight to it, as the plugin does); parts may be switched off
-    (a part the checkpoint does not enable is off anyway)."""
-    from safetensors.torch import load_file
-    from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    (a part the checkpoint does not enable is off anyway). It is the evaluation's
+    quantized forward (:func:`scalesweep_vllm.evaluate.build_model`), so the plugin
+    tests check the evaluation and the plugin against each other."""
+    import dataclasses
 
-    config = AutoConfig.from_pretrained(ckpt)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    meta_path = ckpt / "scalesweep.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    vectors = {}
-    if meta.get("vectors_file"):
-        vectors = load_file(str(ckpt / meta["vectors_file"]))
-    sd = {}
-    for f in sorted(os.listdir(ckpt)):
-        if f.endswith(".safetensors") and f != meta.get("vectors_file"):
-            sd.update(load_file(str(ckpt / f)))
-    state, act = {}, {}
-    for name, t in sd.items():
-        if name.endswith(".weight_packed"):
-            p = name[: -len(".weight_packed")]
-            state[p + ".weight"] = kernels.dequantize(
-                t, sd[p + ".weight_scale"], sd[p + ".weight_global_scale"], dtype
-            )
-            if p + ".input_global_scale" in sd:
-                act[p] = sd[p + ".input_global_scale"]
-        elif not name.endswith(("_scale", "_global_scale")):
-            state[name] = t.to(dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    model.tie_weights()
+    from scalesweep_vllm.evaluate import Checkpoint, build_model, runtime_settings
 
-    method = (meta.get("activations") or {}).get("method") or "mse"
-    summed: dict[str, torch.Tensor] = {}
-    for p in act:
-        if f"{p}.input_weight" in vectors:
-            k = _fused_key(p)
-            summed[k] = summed.get(k, 0) + vectors[f"{p}.input_weight"]
-    if activations:
-        for p, g in act.items():
-            mod = model.get_submodule(p)
-            w = summed.get(_fused_key(p)) if method == "wmse" else None
-
-            def hook(_m, args, g=g, w=w):
-                return (kernels.fake_quantize(args[0], g, method, w),)
-
-            mod.register_forward_pre_hook(hook)
-
-    kv = meta.get("kv_cache") or {}
-    q = meta.get("query") or {}
-    use_kv = kv_cache and kv.get("enabled")
-    use_q = query and q.get("enabled")
-
-    def part(prefix, c, x, method):
-        e = meta["attention"][prefix]
-        w = vectors.get(f"{prefix}.{c}_weight") if method == "wmse" else None
-        if w is not None:
-            w = w[:, None, :]  # [heads, 1, head_dim] against x [batch, heads, T, head_dim]
-        return kernels.fake_quantize(x, e[f"{c}_global_scale"], method, w)
-
-    def attention(module, query_, key, value, attention_mask, **kwargs):
-        prefix = f"model.layers.{module.layer_idx}.self_attn"
-        if use_q:
-            query_ = part(prefix, "q", query_, q["method"])
-        if use_kv:
-            key = part(prefix, "k", key, kv["method"])
-            value = part(prefix, "v", value, kv["method"])
-        return sdpa_attention_forward(module, query_, key, value, attention_mask, **kwargs)
-
-    AttentionInterface.register("scalesweep_reference", attention)
-    model.set_attn_implementation("scalesweep_reference")
-    return model
+    ck = Checkpoint.from_dir(ckpt)
+    rs = runtime_settings(ck)
+    off = {
+        k: None
+        for k, on in (("activations", activations), ("kv_cache", kv_cache), ("query", query))
+        if not on
+    }
+    return build_model(ck, dataclasses.replace(rs, **off), dtype)
 
 
 @torch.no_grad()

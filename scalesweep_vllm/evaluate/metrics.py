@@ -210,7 +210,7 @@ def score(
         e = s + ids.shape[0]
         nll[s:e] = -lq.gather(-1, ids[:, 1:, None]).squeeze(-1)
         agree[s:e] = lq.argmax(-1) == ref.argmax[s:e]
-        p16 = torch.from_numpy(np.asarray(ref_p[s:e]))
+        p16 = torch.from_numpy(np.array(ref_p[s:e]))
         kld[s:e] = ref.self_cross[s:e] - _cross(p16, lq)
         del p16, lq
     return {"nll": nll, "kld": kld, "agree": agree, "seconds": time.perf_counter() - t0}

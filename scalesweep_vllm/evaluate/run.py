@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,7 +21,16 @@ import torch
 from . import metrics
 from .model import Checkpoint, build_model, runtime_settings
 
-__all__ = ["RECIPES", "SETTINGS", "evaluate", "quantize_recipe"]
+__all__ = [
+    "RECIPES",
+    "SETTINGS",
+    "Context",
+    "evaluate",
+    "prepare",
+    "quantize_recipe",
+    "score_base",
+    "score_checkpoint",
+]
 
 RECIPES = ("bf16", "absmax", "four_over_six", "mse", "wmse")
 SETTINGS = ("W4A16", "W4A4", "W4A4KV4", "W4A4KV4Q4")
@@ -76,6 +86,82 @@ def _environment(device) -> dict:
     }
 
 
+@dataclass
+class Context:
+    """What every evaluation of one base model shares: tokens and the BF16 reference."""
+
+    model_dir: Path
+    ids: torch.Tensor
+    ref: metrics.Reference
+    device: torch.device
+    batch_size: int = 2
+    progress: bool = True
+    dtype: torch.dtype = torch.bfloat16
+    base: object = None  # the BF16 model (kept only until a quantized one is built)
+
+    def header(self) -> dict:
+        return {
+            "model": str(self.model_dir),
+            "tokens": int(self.ids.numel()),
+            "windows": int(self.ids.shape[0]),
+            "seq_len": int(self.ids.shape[1]),
+            "positions": int(self.ref.nll.numel()),
+            "environment": _environment(self.device),
+            "bf16": metrics.summarize(self.ref.nll),
+            "bf16_seconds": self.ref.seconds,
+        }
+
+
+def prepare(
+    model: str | Path | None = None,
+    tokens: int = DEFAULT_TOKENS,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    batch_size: int = 2,
+    device: str = "cpu",
+    progress: bool = True,
+    cache: Path | None = None,
+    texts: list[str] | None = None,
+) -> Context:
+    """Tokenize the held-out text and get the BF16 reference (cached)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..quantize.pipeline import resolve_model_dir
+
+    dev = torch.device(device)
+    model_dir = resolve_model_dir(model)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = metrics.evaluation_tokens(tok, tokens, seq_len, texts)
+    dtype = torch.bfloat16
+    key = metrics.model_key(model_dir, ids, dtype)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval().to(dev)
+    ref = metrics.reference(base, ids, key, cache, batch_size, progress, dev)
+    return Context(model_dir, ids, ref, dev, batch_size, progress, dtype, base)
+
+
+def score_base(ctx: Context) -> dict:
+    """The BF16 model itself against its cached reference (KLD exactly 0)."""
+    res = metrics.score(ctx.base, ctx.ref, ctx.batch_size, ctx.progress, ctx.device, "BF16")
+    row = metrics.summarize(res["nll"], res["kld"], res["agree"])
+    return {"setting": "BF16", "seconds": res["seconds"], **row}
+
+
+def score_checkpoint(
+    ctx: Context, ckpt: Checkpoint, setting: str | None, runtime_method: str | None = None
+) -> dict:
+    """One row: ``ckpt`` evaluated in ``setting`` (None: the checkpoint's own)."""
+    rs = runtime_settings(ckpt, setting, runtime_method)
+    ctx.base = None
+    qmodel = build_model(ckpt, rs, ctx.dtype, ctx.device)
+    res = metrics.score(qmodel, ctx.ref, ctx.batch_size, ctx.progress, ctx.device, rs.label())
+    row = metrics.summarize(res["nll"], res["kld"], res["agree"])
+    return {
+        "setting": setting or rs.label(),
+        "runtime": {"activations": rs.activations, "kv_cache": rs.kv_cache, "query": rs.query},
+        "seconds": res["seconds"],
+        **row,
+    }
+
+
 def evaluate(
     model: str | Path | None = None,
     recipe: str | None = None,
@@ -98,63 +184,29 @@ def evaluate(
     ``model`` (default: the default SmolLM2); see :mod:`.metrics` for the measures.
     ``recipe="bf16"`` (or neither given) scores the base model itself against the
     cached reference (KLD 0)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..quantize.pipeline import resolve_model_dir
-
-    dev = torch.device(device)
-    model_dir = resolve_model_dir(model)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    ids = metrics.evaluation_tokens(tok, tokens, seq_len, texts)
-    dtype = torch.bfloat16
-    key = metrics.model_key(model_dir, ids, dtype)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval().to(dev)
-    ref = metrics.reference(base, ids, key, cache, batch_size, progress, dev)
-    out = {
-        "model": str(model_dir),
-        "tokens": int(ids.numel()),
-        "windows": int(ids.shape[0]),
-        "seq_len": seq_len,
-        "environment": _environment(dev),
-        "bf16": metrics.summarize(ref.nll),
-        "bf16_seconds": ref.seconds,
-        "runs": [],
-    }
+    ctx = prepare(model, tokens, seq_len, batch_size, device, progress, cache, texts)
+    out = {**ctx.header(), "runs": []}
     if checkpoint is None and recipe in (None, "bf16"):
-        res = metrics.score(base, ref, batch_size, progress, dev, "BF16 vs reference")
-        row = metrics.summarize(res["nll"], res["kld"], res["agree"])
         out["source"] = {"recipe": "bf16"}
-        out["runs"].append({"setting": "BF16", "seconds": res["seconds"], **row})
+        out["runs"].append(score_base(ctx))
         return out
-    del base
     if checkpoint is not None:
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.from_dir(checkpoint)
         out["source"] = {"checkpoint": ckpt.name, "scalesweep_json": ckpt.meta is not None}
     else:
         ckpt = quantize_recipe(
-            model_dir, recipe, global_scale, device, progress, calib, num_samples, calib_seq_len
+            ctx.model_dir,
+            recipe,
+            global_scale,
+            device,
+            progress,
+            calib,
+            num_samples,
+            calib_seq_len,
         )
         out["source"] = {"recipe": recipe, "global_scale": global_scale}
     if ckpt.meta is not None:
         out["source"]["calibration"] = ckpt.meta.get("calibration")
-    if not settings:
-        settings = [runtime_settings(ckpt).label()]
-    for setting in settings:
-        rs = runtime_settings(ckpt, setting, runtime_method)
-        qmodel = build_model(ckpt, rs, dtype, dev)
-        res = metrics.score(qmodel, ref, batch_size, progress, dev, f"{setting}")
-        row = metrics.summarize(res["nll"], res["kld"], res["agree"])
-        out["runs"].append(
-            {
-                "setting": setting,
-                "runtime": {
-                    "activations": rs.activations,
-                    "kv_cache": rs.kv_cache,
-                    "query": rs.query,
-                },
-                "seconds": res["seconds"],
-                **row,
-            }
-        )
-        del qmodel
+    for setting in settings or [None]:
+        out["runs"].append(score_checkpoint(ctx, ckpt, setting, runtime_method))
     return out
