@@ -38,12 +38,17 @@ LABELS = {
 
 
 def jobs(peers: list[str], conventions) -> list[dict]:
+    """Priority order: the paper scale's W4A16, W4A4, W4A4KV4Q4; peers; the AbsMax-runtime
+    row; W4A4KV4; then the other convention."""
     out = []
     for conv in conventions:
         for setting in SETTING_ORDER:
             for recipe in RECIPE_ORDER:
                 out.append({"recipe": recipe, "global_scale": conv, "setting": setting})
-            if conv == "paper" and setting == "W4A4":
+            if conv == "paper" and setting == "W4A4KV4Q4":
+                for p in peers:
+                    for s in ("W4A16", "W4A4"):
+                        out.append({"checkpoint": p, "setting": s})
                 out.append(
                     {
                         "recipe": "wmse",
@@ -52,9 +57,6 @@ def jobs(peers: list[str], conventions) -> list[dict]:
                         "runtime_method": "absmax",
                     }
                 )
-                for p in peers:
-                    for s in ("W4A16", "W4A4"):
-                        out.append({"checkpoint": p, "setting": s})
     return out
 
 
@@ -88,8 +90,11 @@ def run(args) -> None:
         src = j.get("checkpoint") or f"{j['recipe']}/{j['global_scale']}"
         if src not in sources:
             t0 = time.perf_counter()
+            saved = Path(args.recipe_cache) / f"{src.replace('/', '-')}.pt"
             if "checkpoint" in j:
                 sources[src] = Checkpoint.from_dir(j["checkpoint"])
+            elif saved.is_file():
+                sources[src] = Checkpoint.from_contents(torch.load(saved, weights_only=False), src)
             else:
                 sources[src] = quantize_recipe(
                     ctx.model_dir,
@@ -98,6 +103,17 @@ def run(args) -> None:
                     "cpu",
                     not args.quiet,
                     num_samples=args.calib_samples,
+                )
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                c = sources[src]
+                torch.save(
+                    {
+                        "config": c.config,
+                        "tensors": c.tensors,
+                        "meta": c.meta,
+                        "vectors": c.vectors,
+                    },
+                    saved,
                 )
             print(f"[{src}] ready in {time.perf_counter() - t0:.0f} s", flush=True)
         row = score_checkpoint(ctx, sources[src], j["setting"], j.get("runtime_method"))
@@ -224,6 +240,11 @@ def main() -> int:
     p.add_argument("--conventions", nargs="*", default=list(CONVENTIONS))
     p.add_argument("--only", nargs="*", help="run only jobs whose key contains one of these")
     p.add_argument("--calib-samples", type=int, help="calibration samples (quantizer default)")
+    p.add_argument(
+        "--recipe-cache",
+        default="/tmp/scalesweep-recipes",
+        help="quantized recipes kept here between runs (default %(default)s)",
+    )
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--render", action="store_true", help="print the table, write the plot")
     p.add_argument("--plot", default="benchmarks/accuracy.png")

@@ -45,6 +45,7 @@ __all__ = [
     "reference",
     "score",
     "summarize",
+    "token_nll",
 ]
 
 
@@ -100,6 +101,17 @@ def _log_probs(model, ids: torch.Tensor, device) -> torch.Tensor:
     """``[b, T-1, V]`` float32 log-probs of the next token at every position but the last."""
     logits = model(input_ids=ids.to(device), use_cache=False).logits[:, :-1]
     return torch.log_softmax(logits.float(), dim=-1).cpu()
+
+
+@torch.no_grad()
+def token_nll(model, tokens: torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Per scored position ``-log q(next token)`` (float32 ``[windows, seq_len - 1]``),
+    as :func:`score` computes it, without a reference (served == measured checks)."""
+    out = torch.empty(tokens.shape[0], tokens.shape[1] - 1)
+    for s in range(tokens.shape[0]):
+        ids = tokens[s : s + 1]
+        out[s] = -_log_probs(model, ids, device).gather(-1, ids[:, 1:, None]).squeeze(-1)[0]
+    return out
 
 
 def _cross(p16: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
