@@ -58,12 +58,14 @@ def compile_quant(
         "n_wblocks": "i32",
         "stride_m": "i32",
         "stride_k": "i32",
+        "kp4": "i32",
         "METHOD": "constexpr",
         "FAKE": "constexpr",
         "ROW_CONTIG": "constexpr",
         "HW_E2M1": "constexpr",
         "USE_TABLE": "constexpr",
         "BM": "constexpr",
+        "SWIZZLE": "constexpr",
     }
     constexprs = {
         "METHOD": METHODS[method],
@@ -72,6 +74,7 @@ def compile_quant(
         "HW_E2M1": hw,
         "USE_TABLE": table,
         "BM": bm,
+        "SWIZZLE": False,
     }
     # pointers 16-byte aligned, as torch allocations are (what the JIT specializes on)
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(6)}

@@ -163,3 +163,27 @@ def test_swizzle_kernel_builds_for_blackwell():
     env.pop("TRITON_INTERPRET", None)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("m,k,pad_bytes", [(1, 64, 0), (7, 48, 8), (129, 96, 0), (300, 32, 0)])
+@pytest.mark.parametrize("method", ["absmax", "mse", "wmse"])
+def test_quantize_kernel_writes_the_swizzled_layout(m, k, pad_bytes, method, monkeypatch):
+    """The quantize kernel's own swizzled store (the CUDA path of quantize_swizzled), run
+    in Triton's interpreter: packed codes as kernels.quantize, scales as vLLM's
+    swizzle_blockscale of its row-major scales, padding (rows, K-padding blocks) zero."""
+    pytest.importorskip("triton")
+    from scalesweep_vllm.kernels import launch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.manual_seed(m)
+    x = torch.randn(m, k, dtype=torch.bfloat16)
+    w = torch.rand(k) if method == "wmse" else None
+    packed, scales = kernels.quantize(x, 37.0, method, w, backend="torch")
+    kb = (k + 2 * pad_bytes) // 16
+    p2, s2 = launch.quantize_swizzled(x, 37.0, method, w, kb)
+    assert torch.equal(p2, packed)
+    want = swizzle.swizzle_scales(
+        torch.nn.functional.pad(scales.view(torch.uint8), (0, kb - k // 16)), backend="torch"
+    )
+    assert s2.shape == want.shape and torch.equal(s2.view(torch.uint8), want.view(torch.uint8))
+    assert torch.equal(s2.view(torch.uint8), vllm_swizzle(scales, monkeypatch))

@@ -40,6 +40,7 @@ __all__ = [
     "have_triton",
     "quantize",
     "quantize_impl",
+    "quantize_swizzled",
     "use_hw_e2m1",
 ]
 
@@ -174,7 +175,12 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return x2, contig
 
 
-def _launch_quant(x, global_scale, method, weight, fake, config, out=None, scales=None):
+def _launch_quant(
+    x, global_scale, method, weight, fake, config, out=None, scales=None, swizzle_kb=None
+):
+    """``swizzle_kb``: write the scales swizzled into a zeroed ``[round_up(M, 128),
+    round_up(swizzle_kb, 4)]`` buffer (the layout of vLLM's ``swizzle_blockscale``;
+    swizzle_kb >= K/16 counts blocks of K padded for the GEMM, whose scales stay 0)."""
     if method not in METHOD_IDS:
         raise ValueError(f"unknown method {method!r}; choose one of {tuple(METHOD_IDS)}")
     _check_x(x)
@@ -193,6 +199,10 @@ def _launch_quant(x, global_scale, method, weight, fake, config, out=None, scale
     if fake:
         out = _out(out, (m, k), x.dtype, x.device)
         scales = out  # unused by the kernel
+    elif swizzle_kb is not None:
+        out = _out(out, (m, k // 2), torch.uint8, x.device)
+        mp, kp = -(-m // 128) * 128, -(-swizzle_kb // 4) * 4
+        scales = torch.zeros((mp, kp), dtype=torch.uint8, device=x.device)
     else:
         out = _out(out, (m, k // 2), torch.uint8, x.device)
         scales = _out(scales, (m, k // BLOCK_SIZE), torch.uint8, x.device)
@@ -218,18 +228,22 @@ def _launch_quant(x, global_scale, method, weight, fake, config, out=None, scale
             n_wblocks,
             x2.stride(0),
             x2.stride(1),
+            0 if swizzle_kb is None else scales.shape[1] // 4,
             METHOD=METHOD_IDS[method],
             FAKE=fake,
             ROW_CONTIG=contig,
             HW_E2M1=use_hw_e2m1(x.device),
             USE_TABLE=use_table,
             BM=bm,
+            SWIZZLE=swizzle_kb is not None,
             num_warps=warps,
             enable_fp_fusion=False,
         )
     lead = tuple(x.shape[:-1])
     if fake:
         return out.reshape(x.shape)
+    if swizzle_kb is not None:
+        return out, scales.view(torch.float8_e4m3fn)
     return (
         out.reshape(lead + (k // 2,)),
         scales.view(torch.float8_e4m3fn).reshape(lead + (k // BLOCK_SIZE,)),
@@ -346,6 +360,29 @@ def _(x, global_scale, method, weight):
     )
 
 
+@torch.library.custom_op("scalesweep::nvfp4_quantize_swizzled", mutates_args=())
+def nvfp4_quantize_swizzled(
+    x: torch.Tensor,
+    global_scale: torch.Tensor,
+    method: str,
+    weight: Optional[torch.Tensor],  # noqa: UP045
+    scale_blocks: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> packed [M, K/2] and scales swizzled for cutlass_scaled_fp4_mm,
+    ``[round_up(M, 128), round_up(scale_blocks, 4)]``, written by the quantize kernel."""
+    return _launch_quant(x, global_scale, method, weight, False, None, swizzle_kb=scale_blocks)
+
+
+@nvfp4_quantize_swizzled.register_fake
+def _(x, global_scale, method, weight, scale_blocks):
+    m, k = x.shape
+    mp, kp = -(-m // 128) * 128, -(-scale_blocks // 4) * 4
+    return (
+        x.new_empty((m, k // 2), dtype=torch.uint8),
+        x.new_empty((mp, kp), dtype=torch.float8_e4m3fn),
+    )
+
+
 @torch.library.custom_op("scalesweep::nvfp4_fake_quantize", mutates_args=())
 def nvfp4_fake_quantize(
     x: torch.Tensor,
@@ -380,6 +417,21 @@ def quantize(x, global_scale, method="mse", weight=None):
     if method == "wmse":
         weight = _weight_rows(weight, x.shape, x.device)
     return nvfp4_quantize(x, g, method, weight)
+
+
+def quantize_swizzled(x, global_scale, method="mse", weight=None, scale_blocks=None):
+    """Triton quantize of x [M, K] with the scales written swizzled (see
+    :func:`nvfp4_quantize_swizzled`); ``scale_blocks`` defaults to K / 16."""
+    _check_x(x)
+    if x.dim() != 2:
+        raise ValueError(f"x must be [M, K], got shape {tuple(x.shape)}")
+    g = _global_scale(global_scale, x.device)
+    if method == "wmse":
+        weight = _weight_rows(weight, x.shape, x.device)
+    kb = x.shape[-1] // BLOCK_SIZE if scale_blocks is None else int(scale_blocks)
+    if kb < x.shape[-1] // BLOCK_SIZE:
+        raise ValueError(f"scale_blocks {kb} < K / 16 = {x.shape[-1] // BLOCK_SIZE}")
+    return nvfp4_quantize_swizzled(x, g, method, weight, kb)
 
 
 def fake_quantize(x, global_scale, method="mse", weight=None):

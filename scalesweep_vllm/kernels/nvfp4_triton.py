@@ -336,12 +336,14 @@ def quant_kernel(
     n_wblocks,  # WMSE: the weight is [P, K], read at row (row of x) % P; P * K / 16
     stride_m,
     stride_k,
+    kp4,  # SWIZZLE: round_up(scale columns, 4) / 4 of the swizzled buffer
     METHOD: tl.constexpr,
     FAKE: tl.constexpr,
     ROW_CONTIG: tl.constexpr,
     HW_E2M1: tl.constexpr,
     USE_TABLE: tl.constexpr,
     BM: tl.constexpr,
+    SWIZZLE: tl.constexpr = False,
 ):
     """One program: BM blocks of 16, each thread-local. The block is loaded as four
     [BM, 4] quarters so that the compiler gives each thread whole blocks (one 16-wide
@@ -476,7 +478,16 @@ def quant_kernel(
         hi = (e2 | (e3 << 16)).to(tl.uint64)
         word = lo | (hi << 32)
         tl.store(out_ptr.to(tl.pointer_type(tl.uint64)) + blk, word, mask=bmask)
-        tl.store(scale_ptr + blk, best.to(tl.uint8), mask=bmask)
+        if SWIZZLE:
+            # the layout cutlass_scaled_fp4_mm reads (vLLM's swizzle_blockscale): scale
+            # (row m, block kb) of a [round_up(M, 128), 4 * kp4] buffer in 128x4 tiles
+            m = blk // n_kblocks
+            kb = blk % n_kblocks
+            r = m % 128
+            sw = ((((m // 128) * kp4 + kb // 4) * 32 + r % 32) * 4 + r // 32) * 4 + kb % 4
+            tl.store(scale_ptr + sw, best.to(tl.uint8), mask=bmask)
+        else:
+            tl.store(scale_ptr + blk, best.to(tl.uint8), mask=bmask)
 
 
 @triton.jit

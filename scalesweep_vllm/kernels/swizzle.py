@@ -4,10 +4,12 @@ zeros + copy + permute + contiguous of vLLM's ``swizzle_blockscale``.
 ``cutlass_scaled_fp4_mm`` (vLLM, Blackwell) takes block scales padded to
 ``[round_up(M, 128), round_up(K/16, 4)]`` and swizzled in 128x4 tiles (layout in
 :mod:`.swizzle_triton`). vLLM's own activation quantizer writes that layout directly
-(``scaled_fp4_quant(..., is_sf_swizzled_layout=True)``); ScaleSweep's quantize kernel
-writes row-major scales, and :func:`quantize_swizzled` moves them into the swizzled,
-zero-padded buffer in one Triton pass (every output byte written once), registered as
-the custom op ``scalesweep::nvfp4_swizzle_scales`` so torch.compile / CUDA graphs see
+(``scaled_fp4_quant(..., is_sf_swizzled_layout=True)``), and so does ScaleSweep's
+quantize kernel on CUDA (:func:`quantize_swizzled`: its scale store goes through the
+swizzled offset into a zeroed padded buffer, custom op
+``scalesweep::nvfp4_quantize_swizzled``). Row-major scales from elsewhere are moved by
+:func:`swizzle_scales`: one Triton pass (every output byte written once), registered
+as the custom op ``scalesweep::nvfp4_swizzle_scales`` so torch.compile / CUDA graphs see
 through it. Off CUDA (and in tests) a torch scatter with the same offsets is used; the
 Triton kernel runs on CPU in Triton's interpreter with ``TRITON_INTERPRET=1``.
 """
@@ -147,10 +149,15 @@ def quantize_swizzled(
 
     if x.dim() != 2 or x.shape[-1] % BLOCK_SIZE:
         raise ValueError(f"x must be [M, K] with K a multiple of {BLOCK_SIZE}, got {x.shape}")
+    kb = (x.shape[-1] + 2 * pad_bytes) // BLOCK_SIZE
+    if x.is_cuda and launch.have_triton():  # the quantize kernel writes the layout itself
+        packed, sw = launch.quantize_swizzled(x, global_scale, method, weight, kb)
+        if pad_bytes:
+            packed = torch.nn.functional.pad(packed, (0, pad_bytes))
+        return packed.contiguous(), sw
     packed, scales = quantize(x, global_scale, method, weight)
     if pad_bytes:
         packed = torch.nn.functional.pad(packed, (0, pad_bytes))
-    kb = (x.shape[-1] + 2 * pad_bytes) // BLOCK_SIZE
     sw = swizzle_scales(scales)
     if sw.shape[1] != swizzled_scale_shape(x.shape[0], kb)[1]:  # never for pads < 32 elements
         raise ValueError(f"padding of {pad_bytes} bytes changes the scale tiles of {x.shape}")
