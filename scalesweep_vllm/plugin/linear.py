@@ -10,7 +10,7 @@ Backends (chosen once per layer at load, :func:`choose_backend`):
 * ``cutlass`` (Blackwell, sm_100/sm_120, W4A4, fp16/bf16 models): activations are
   quantized by ScaleSweep through :func:`scalesweep_vllm.kernels.swizzle.quantize_swizzled`
   (the codes of :func:`scalesweep_vllm.kernels.quantize`, block scales written in the
-  swizzled, padded layout by one Triton pass), and the product runs on vLLM's
+  swizzled, padded layout by the quantize kernel's own store), and the product runs on vLLM's
   ``cutlass_scaled_fp4_mm`` with ``alpha = 1 / (G_a * G_w)``. Its output is fp16/bf16
   only: a float32 model takes ``dequant``.
 * ``dequant`` (everything else: Hopper, Ampere, CPU; and W4A16 everywhere): the
@@ -44,6 +44,7 @@ from vllm.platforms import current_platform
 
 from .. import kernels
 from ..nvfp4 import BLOCK_SIZE
+from ..runtime import fused_input_weight
 from .compat import linear_backend
 
 __all__ = ["ScaleSweepLinearMethod", "choose_backend", "log_backend"]
@@ -173,17 +174,15 @@ class ScaleSweepLinearMethod(LinearMethodBase):
         if self.act_method != "wmse":
             return None
         meta = self.quant_config.meta
-        vecs = []
-        for shard in self.shards:
-            key = f"{shard}.input_weight"
-            if meta is None or key not in meta.vectors:
-                raise ValueError(
-                    f"scalesweep: activation method 'wmse' needs {key} in the vectors file"
-                )
-            vecs.append(meta.vectors[key])
-        vec = torch.stack(vecs).sum(0)
+        try:  # the same sum the evaluation uses (scalesweep_vllm/runtime.py)
+            vec = fused_input_weight(meta.vectors if meta is not None else {}, self.shards)
+        except ValueError as err:
+            raise ValueError(f"scalesweep: {err}") from err
         if vec.numel() != input_size:
-            raise ValueError(f"scalesweep: {key} has {vec.numel()} entries, expected {input_size}")
+            raise ValueError(
+                f"scalesweep: {self.shards[-1]}.input_weight has {vec.numel()} entries, "
+                f"expected {input_size}"
+            )
         if k != input_size:  # row-parallel: this rank sees a slice of the input features
             r = _tp_rank()
             vec = vec[r * k : (r + 1) * k]
