@@ -25,7 +25,7 @@ import logging
 import torch
 from vllm.model_executor.layers.quantization.kv_cache import BaseKVCacheMethod
 
-from .. import kernels
+from ..runtime import Part
 from .compat import AttentionFacts, check_attention
 
 __all__ = ["ScaleSweepKVCacheMethod", "attention_facts", "head_slice"]
@@ -57,22 +57,9 @@ def _tp_rank() -> int:
     return get_tensor_model_parallel_rank()
 
 
-class _Part:
-    """One of Q, K, V: its method, encode global scale and WMSE weight [heads, head_dim]."""
-
-    def __init__(self, method: str, global_scale: float, weight: torch.Tensor | None):
-        self.method = method
-        self.global_scale = torch.tensor(global_scale, dtype=torch.float32)
-        self.weight = weight
-
-    def to(self, device: torch.device) -> _Part:
-        self.global_scale = self.global_scale.to(device)
-        if self.weight is not None:
-            self.weight = self.weight.to(device)
-        return self
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.fake_quantize(x, self.global_scale, self.method, self.weight)
+#: One of Q, K, V: method, encode global scale, WMSE weight [heads, head_dim]; the
+#: same quantizer the evaluation applies (scalesweep_vllm/runtime.py).
+_Part = Part
 
 
 def _supported(impl, name: str) -> bool:
