@@ -211,7 +211,9 @@ def table(result: dict) -> str:
     ]
     ref = " | ".join(f"0 | {ev[m]['bf16']['ppl']:.3f} | -" for m in ev)
     lines.append(f"| bf16 | - | - | - | - | {ref} |")
-    names = list(q) + [n for n in ev[next(iter(ev))] if n not in q and n != "bf16"]
+    first = ev[next(iter(ev))]
+    names = list(q) + [n for n, v in first.items() if isinstance(v, dict) and n not in q]
+    names = [n for n in names if n != "bf16"]
     for name in names:
         r = q.get(name, {"wall_s": float("nan"), "cpu_s": float("nan"), "out_err_gptq": None})
         ratio = f"{r['wall_s'] / rtn['wall_s']:.2f}x" if rtn else "-"
@@ -273,10 +275,9 @@ def main(argv=None) -> int:
         name, _, path = item.partition("=")
         ckpts[name] = {"checkpoint": path}
     result["eval"] = evaluate(ckpts, args.eval_texts, args.eval_tokens, args.w4a4_texts)
-    text = table(result)
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)  # the numbers first, then the table
     (args.out / "bench_gptq.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
     return 0
 
 
