@@ -167,7 +167,8 @@ def _apply_gptq(out, wf, rtn, g_w, cfg, hessian, tokens, metrics) -> None:
     h = hessian.to(dev, torch.float32)
     res = gptq_quantize(
         torch.cat(wf, dim=0),
-        torch.cat([s.to(dev) for _, s in rtn], dim=0),
+        # fp8 scales concatenated as bytes (cat of float8 is not supported everywhere)
+        torch.cat([s.to(dev).view(torch.uint8) for _, s in rtn], dim=0).view(torch.float8_e4m3fn),
         g_w,
         h,
         damp=cfg.damp,
