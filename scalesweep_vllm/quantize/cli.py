@@ -137,8 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--gptq-actorder",
-        action="store_true",
-        help="GPTQ activation order, by whole 16-column blocks (largest diag H first)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="GPTQ activation order by whole 16-column blocks, largest diag H first "
+        "(default on; --no-gptq-actorder keeps the column order)",
     )
     p.add_argument(
         "--dry-run",
@@ -256,7 +258,7 @@ def _gptq_settings(args: argparse.Namespace) -> dict | bool:
                 ("--gptq-damp", args.gptq_damp, DEFAULT_DAMP),
                 ("--gptq-block-size", args.gptq_block_size, DEFAULT_BLOCK_SIZE),
                 ("--gptq-inputs", args.gptq_inputs, "quantized"),
-                ("--gptq-actorder", args.gptq_actorder, False),
+                ("--no-gptq-actorder", args.gptq_actorder, True),
             )
             if value != default
         ]
