@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-RECIPE_ORDER = ("wmse", "absmax", "mse", "four_over_six")
+RECIPE_ORDER = ("absmax", "four_over_six", "mse", "wmse")
 SETTING_ORDER = ("W4A16", "W4A4", "W4A4KV4Q4", "W4A4KV4")
 CONVENTIONS = ("paper", "compressed-tensors")
 LABELS = {
@@ -38,26 +38,32 @@ LABELS = {
 
 
 def jobs(peers: list[str], conventions) -> list[dict]:
-    """Priority order: the paper scale's W4A16, W4A4, W4A4KV4Q4; peers; the AbsMax-runtime
-    row; W4A4KV4; then the other convention."""
+    """Priority order: the paper scale's W4A16, W4A4, W4A4KV4Q4 for every recipe; the
+    peers; the AbsMax-runtime row; WMSE and AbsMax with the 448 scale (the default
+    global scale is chosen from them); then W4A4KV4 and the rest."""
+    first = [s for s in SETTING_ORDER if s != "W4A4KV4"]
     out = []
+
+    def add(conv, settings, recipes):
+        for setting in settings:
+            for recipe in recipes:
+                j = {"recipe": recipe, "global_scale": conv, "setting": setting}
+                if j not in out:
+                    out.append(j)
+
+    add("paper", first, RECIPE_ORDER)
+    for p in peers:
+        for s in ("W4A16", "W4A4"):
+            out.append({"checkpoint": p, "setting": s})
+    out.append(
+        {"recipe": "wmse", "global_scale": "paper", "setting": "W4A4", "runtime_method": "absmax"}
+    )
     for conv in conventions:
-        for setting in SETTING_ORDER:
-            for recipe in RECIPE_ORDER:
-                out.append({"recipe": recipe, "global_scale": conv, "setting": setting})
-            if conv == "paper" and setting == "W4A4KV4Q4":
-                for p in peers:
-                    for s in ("W4A16", "W4A4"):
-                        out.append({"checkpoint": p, "setting": s})
-                out.append(
-                    {
-                        "recipe": "wmse",
-                        "global_scale": conv,
-                        "setting": "W4A4",
-                        "runtime_method": "absmax",
-                    }
-                )
-    return out
+        if conv != "paper":
+            add(conv, first, ("wmse", "absmax"))
+    for conv in conventions:
+        add(conv, SETTING_ORDER, RECIPE_ORDER)
+    return [j for j in out if j.get("global_scale", "paper") in conventions]
 
 
 def job_key(j: dict) -> str:
@@ -88,6 +94,9 @@ def run(args) -> None:
     sources: dict[str, object] = {}
     for j in todo:
         src = j.get("checkpoint") or f"{j['recipe']}/{j['global_scale']}"
+        if "checkpoint" in j and not (Path(j["checkpoint"]) / "config.json").is_file():
+            print(f"[{src}] not there yet: skipped (a later run picks it up)", flush=True)
+            continue
         if src not in sources:
             t0 = time.perf_counter()
             saved = Path(args.recipe_cache) / f"{src.replace('/', '-')}.pt"
@@ -167,8 +176,9 @@ def render(args) -> str:
                 (r for r in sel if r["setting"] == setting),
                 key=lambda r: (
                     "checkpoint" in r,
-                    RECIPE_ORDER[::-1].index(r["recipe"]) if "recipe" in r else 0,
+                    RECIPE_ORDER.index(r["recipe"]) if "recipe" in r else 0,
                     bool(r.get("runtime_method")),
+                    r.get("checkpoint", ""),
                 ),
             ):
                 ref = absmax.get((r.get("global_scale", "paper"), setting))
