@@ -33,10 +33,10 @@ def _interpret(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def _ref_scales(x, g, method, w):
+def _ref_scales(x, g, method, w, exhaustive=False):
     if method == "absmax":
         return sweep.absmax_scales(x, g)
-    return sweep.sweep_scales(x, g, w if method == "wmse" else None)
+    return sweep.sweep_scales(x, g, w if method == "wmse" else None, exhaustive=exhaustive)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -45,11 +45,13 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(width[t.dtype])
 
 
-def check_exact(x, g, method, w=None, fake=True):
-    """Triton packed codes, scales (and fake-quant values) == reference, bit for bit."""
-    scales_ref = _ref_scales(x, g, method, w)
+def check_exact(x, g, method, w=None, fake=True, backend="triton", exhaustive=False):
+    """Packed codes, scales (and fake-quant values) of ``backend`` (the Triton kernels;
+    tests/test_kernels_cpu.py passes "cpu") == reference, bit for bit; ``exhaustive``:
+    against the exhaustive sweep."""
+    scales_ref = _ref_scales(x, g, method, w, exhaustive)
     packed_ref = nvfp4.pack_fp4(sweep.quantize_codes(x, g, scales_ref))
-    packed, scales = dispatch.quantize(x, g, method, w, backend="triton")
+    packed, scales = dispatch.quantize(x, g, method, w, backend=backend)
     assert scales.dtype == torch.float8_e4m3fn and packed.dtype == torch.uint8
     assert scales.shape == scales_ref.shape and packed.shape == packed_ref.shape
     s, s_ref = scales.view(torch.uint8), scales_ref.view(torch.uint8)
@@ -60,7 +62,7 @@ def check_exact(x, g, method, w=None, fake=True):
         )
     assert torch.equal(packed, packed_ref), f"{method}: packed codes differ"
     if fake:
-        y = dispatch.fake_quantize(x, g, method, w, backend="triton")
+        y = dispatch.fake_quantize(x, g, method, w, backend=backend)
         y_ref = sweep.quantize_dequantize(x, g, scales_ref).to(x.dtype)
         assert y.dtype == x.dtype and y.shape == x.shape
         assert torch.equal(_bits(y), _bits(y_ref)), f"{method}: fake-quant values differ"
@@ -258,13 +260,11 @@ C0_126_BLOCK = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("table", [True, False], indirect=True, ids=["table", "divide"])
-def test_top_of_range_exact(table):
-    """Unsaturated blocks at AbsMax codes 120..126 (others clustered at 0.6-0.9 of the
-    maximum; tests/test_sweep.py::top_of_range_blocks), and the c0 = 126 block whose
-    optimum lies below c0 - 3 (found by the MSE sweep's second stage)."""
+def top_of_range_rows(gen: torch.Generator) -> torch.Tensor:
+    """Rows of 64: 32 blocks at each AbsMax code 120..126 (largest element anywhere in
+    its rounding interval, the other fifteen at 0.6-0.9 of it) and 32 copies of the
+    c0 = 126 counterexample to the old c0 - 3 floor (its optimum is 122)."""
     fp8 = nvfp4.fp8_values()
-    gen = torch.Generator().manual_seed(41)
     rows = []
     for c0 in range(120, 127):
         v = fp8[c0]
@@ -278,7 +278,16 @@ def test_top_of_range_exact(table):
         )
         rows.append(torch.cat([rest[:, :7], m, rest[:, 7:]], 1))
     rows.append(torch.tensor([C0_126_BLOCK] * 32))
-    x = torch.cat(rows).reshape(-1, 64)
+    return torch.cat(rows).reshape(-1, 64)
+
+
+@pytest.mark.parametrize("table", [True, False], indirect=True, ids=["table", "divide"])
+def test_top_of_range_exact(table):
+    """Unsaturated blocks at AbsMax codes 120..126 (others clustered at 0.6-0.9 of the
+    maximum; tests/test_sweep.py::top_of_range_blocks), and the c0 = 126 block whose
+    optimum lies below c0 - 3 (found by the MSE sweep's second stage)."""
+    gen = torch.Generator().manual_seed(41)
+    x = top_of_range_rows(gen)
     g = torch.tensor([1.0])
     _, scales = check_exact(x, g, "mse")
     assert int(scales.view(torch.uint8).flatten()[-1]) == 122

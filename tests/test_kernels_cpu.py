@@ -34,29 +34,13 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(width[t.dtype])
 
 
-def _ref_scales(x, g, method, w, exhaustive=False):
-    if method == "absmax":
-        return sweep.absmax_scales(x, g)
-    return sweep.sweep_scales(x, g, w if method == "wmse" else None, exhaustive=exhaustive)
-
-
 def check_cpu(x, g, method, w=None, exhaustive=False):
-    """C++ packed codes, scales and fake-quant values == reference, bit for bit."""
-    scales_ref = _ref_scales(x, g, method, w, exhaustive)
-    packed_ref = nvfp4.pack_fp4(sweep.quantize_codes(x, g, scales_ref))
-    packed, scales = dispatch.quantize(x, g, method, w, backend="cpu")
-    assert scales.dtype == torch.float8_e4m3fn and scales.shape == scales_ref.shape
-    s, s_ref = scales.view(torch.uint8), scales_ref.view(torch.uint8)
-    if not torch.equal(s, s_ref):
-        bad = (s != s_ref).nonzero()[:5].tolist()
-        raise AssertionError(
-            f"{method}: scale codes differ at {bad}: {s[s != s_ref][:5]} vs {s_ref[s != s_ref][:5]}"
-        )
-    assert packed.shape == packed_ref.shape and torch.equal(packed, packed_ref), "packed differ"
-    y = dispatch.fake_quantize(x, g, method, w, backend="cpu")
-    y_ref = sweep.quantize_dequantize(x, g, scales_ref).to(x.dtype)
-    assert y.dtype == x.dtype and y.shape == x.shape
-    assert torch.equal(_bits(y), _bits(y_ref)), f"{method}: fake-quant values differ"
+    """The Triton tests' exact check on the C++ backend (codes, scales, packed nibbles,
+    fake-quant values), plus dequantize of its own output."""
+    import test_kernels
+
+    packed, scales = test_kernels.check_exact(x, g, method, w, backend="cpu", exhaustive=exhaustive)
+    y_ref = sweep.quantize_dequantize(x, g, scales).to(x.dtype)
     d = dispatch.dequantize(packed, scales, g, x.dtype, backend="cpu")
     assert torch.equal(_bits(d), _bits(y_ref)), f"{method}: dequantize differs"
     return scales
@@ -128,18 +112,8 @@ def test_extreme_values_exact(method, tk):
 def test_top_of_range_exact(tk):
     """Unsaturated blocks at AbsMax codes 120..126 and the c0 = 126 block whose optimum
     (122) lies below c0 - 3: found by the second stage here too."""
-    fp8 = nvfp4.fp8_values()
     gen = torch.Generator().manual_seed(41)
-    rows = []
-    for c0 in range(120, 127):
-        v = fp8[c0]
-        lo = (fp8[c0 - 1] + v) / 2
-        hi = (fp8[c0 + 1] + v) / 2 if c0 < 126 else 448 * 1.01
-        m = 6 * (lo + (hi - lo) * torch.rand(32, 1, generator=gen))
-        rest = m * (0.6 + 0.3 * torch.rand(32, 15, generator=gen))
-        rows.append(torch.cat([rest[:, :7], m, rest[:, 7:]], 1))
-    rows.append(torch.tensor([tk.C0_126_BLOCK] * 32))
-    x = torch.cat(rows).reshape(-1, 64)
+    x = tk.top_of_range_rows(gen)
     scales = check_cpu(x, torch.tensor([1.0]), "mse")
     assert int(scales.view(torch.uint8).flatten()[-1]) == 122
     check_cpu(x, torch.tensor([1.0]), "mse", exhaustive=True)
@@ -202,7 +176,7 @@ def test_many_blocks_exact(dist):
         g = nvfp4.global_scale(amax, conv)
         for method, wt in (("mse", None), ("wmse", w)):
             s = dispatch.quantize(x, g, method, wt, backend="cpu")[1]
-            assert torch.equal(s.view(torch.uint8), _ref_scales(x, g, method, wt).view(torch.uint8))
+            assert torch.equal(s.view(torch.uint8), sweep.sweep_scales(x, g, wt).view(torch.uint8))
 
 
 def test_threads_do_not_change_results():
