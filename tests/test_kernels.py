@@ -94,11 +94,15 @@ def _run_clean(code: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("m", [1, 3, 17])
 @pytest.mark.parametrize("method", ["absmax", "mse", "wmse"])
 def test_random_exact(method, m, dtype):
+    check_exact(*random_case(method, m, dtype))
+
+
+def random_case(method, m, dtype):
+    """(x [m, 64], G, weight or None): rows of random scale, 1/4 zero weights."""
     gen = torch.Generator().manual_seed(1000 * m + len(str(dtype)))
     x = (torch.randn(m, 64, generator=gen) * torch.rand(m, 1, generator=gen) * 10).to(dtype)
     g = nvfp4.global_scale(x.float().abs().max())
-    w = _weight(64, gen) if method == "wmse" else None
-    check_exact(x, g, method, w)
+    return x, g, method, _weight(64, gen) if method == "wmse" else None
 
 
 @pytest.fixture

@@ -60,12 +60,8 @@ def tk():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", [1, 3, 17])
 @pytest.mark.parametrize("method", ["absmax", "mse", "wmse"])
-def test_random_exact(method, m, dtype):
-    gen = torch.Generator().manual_seed(1000 * m + len(str(dtype)))
-    x = (torch.randn(m, 64, generator=gen) * torch.rand(m, 1, generator=gen) * 10).to(dtype)
-    g = nvfp4.global_scale(x.float().abs().max())
-    w = torch.rand(64, generator=gen) * (torch.rand(64, generator=gen) > 0.25)
-    check_cpu(x, g, method, w if method == "wmse" else None)
+def test_random_exact(method, m, dtype, tk):
+    check_cpu(*tk.random_case(method, m, dtype))
 
 
 @pytest.mark.parametrize("method", ["absmax", "mse", "wmse"])

@@ -60,9 +60,9 @@ _FP8_TABLE: torch.Tensor | None = None
 #: Candidate evaluations (per 16-block tile, summed) of the last call, for the benchmark.
 _LAST_TRIPS = [0]
 #: Prepared WMSE weights, see :func:`_weight`.
-_WEIGHTS: dict[tuple, tuple[weakref.ref, tuple[torch.Tensor, int]]] = {}
-_SCALES: dict[tuple, tuple[weakref.ref, tuple[bool, float]]] = {}
-_WEIGHT_CACHE_SIZE = 256
+_WEIGHTS: dict[tuple, tuple] = {}
+_SCALES: dict[tuple, tuple] = {}
+_CACHE_SIZE = 256
 _NO_WEIGHT = torch.empty(0)
 
 
@@ -142,74 +142,60 @@ def why() -> str:
     return _FAILED or ""
 
 
-def _global_scale_ok(global_scale) -> tuple[bool, float]:
-    """G as the fp32 number the reference uses, and whether it is in the accepted domain
-    (cached per tensor, as :func:`_weight` caches weights: the plugin's scales are
-    parameters that never change)."""
-    if not isinstance(global_scale, torch.Tensor):
-        return _global_scale_value(global_scale)
-    key = (id(global_scale), global_scale._version)
-    hit = _SCALES.get(key)
-    if hit is not None and hit[0]() is global_scale:
+def _per_tensor(cache: dict, t: torch.Tensor, extra: tuple, compute):
+    """``compute()`` cached per tensor ``t``: keyed by the tensor itself (a weak
+    reference, so a freed tensor whose id is reused never hits), its in-place version
+    counter (so a modified one never hits) and ``extra``. The plugin passes the same
+    global scales and WMSE vectors on every call."""
+    key = (id(t), t._version, extra)
+    hit = cache.get(key)
+    if hit is not None and hit[0]() is t:
         return hit[1]
-    got = _global_scale_value(global_scale)
-    if len(_SCALES) >= _WEIGHT_CACHE_SIZE:
-        _SCALES.pop(next(iter(_SCALES)))
-    _SCALES[key] = (weakref.ref(global_scale), got)
+    got = compute()
+    if len(cache) >= _CACHE_SIZE:
+        cache.pop(next(iter(cache)))
+    cache[key] = (weakref.ref(t), got)
     return got
 
 
+def _global_scale_ok(global_scale) -> tuple[bool, float]:
+    """G as the fp32 number the reference uses, and whether it is in the accepted domain."""
+    if isinstance(global_scale, torch.Tensor):
+        return _per_tensor(_SCALES, global_scale, (), lambda: _global_scale_value(global_scale))
+    return _global_scale_value(global_scale)
+
+
 def _global_scale_value(global_scale) -> tuple[bool, float]:
-    if isinstance(global_scale, torch.Tensor) and global_scale.dtype == torch.float32:
-        if global_scale.numel() != 1:
-            return False, 0.0
-        gf = float(global_scale.detach().reshape(()))  # already fp32: exact
-    else:
-        try:
-            g = torch.as_tensor(global_scale, dtype=torch.float32).detach().cpu()
-        except (TypeError, ValueError, RuntimeError):
-            return False, 0.0
-        if g.numel() != 1:
-            return False, 0.0
-        gf = float(g.reshape(()))
+    try:
+        g = torch.as_tensor(global_scale, dtype=torch.float32).detach().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        return False, 0.0
+    if g.numel() != 1:
+        return False, 0.0
+    gf = float(g.reshape(()))
     ok = gf == gf and nvfp4.GLOBAL_SCALE_MIN <= gf <= nvfp4.GLOBAL_SCALE_MAX
     return ok, gf
 
 
 def _weight(weight, x: torch.Tensor) -> tuple[torch.Tensor, int] | None:
     """WMSE weight as a contiguous fp32 [P, K] whose row r % P goes with row r of x
-    (a per-column [K] vector, per-head [H, K] for x [..., H, K], any weight that
-    broadcasts to x's trailing dims), or None when the reference must handle it:
-    bad values (it raises) or broadcasting through leading dims of x.
-
-    Cached per weight tensor (the plugin passes the same vectors on every call):
-    keyed by the tensor itself (a weak reference), its in-place version counter and
-    the trailing shape of x, so a modified or freed weight is never reused."""
+    (the Triton launcher's :func:`.launch._weight_rows`: a per-column [K] vector,
+    per-head [H, K] for x [..., H, K], any weight that broadcasts to x's trailing
+    dims), or None when the reference must handle it: bad values (it raises) or
+    broadcasting through leading dims of x. Cached per weight tensor."""
     if not isinstance(weight, torch.Tensor):
         return None
-    tail = x.shape[x.dim() - min(weight.dim(), x.dim()) :]
-    key = (id(weight), weight._version, tuple(tail), x.device)
-    hit = _WEIGHTS.get(key)
-    if hit is not None and hit[0]() is weight:
-        return hit[1]
-    got = _prepare_weight(weight, x)
-    if got is not None:
-        if len(_WEIGHTS) >= _WEIGHT_CACHE_SIZE:
-            _WEIGHTS.pop(next(iter(_WEIGHTS)))
-        _WEIGHTS[key] = (weakref.ref(weight), got)
-    return got
+    tail = tuple(x.shape[max(0, x.dim() - weight.dim()) :])  # all the result depends on
+    return _per_tensor(_WEIGHTS, weight, (tail, x.device), lambda: _prepare_weight(weight, x))
 
 
 def _prepare_weight(weight: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, int] | None:
-    w = weight.detach()
-    while w.dim() > 1 and w.shape[0] == 1:
-        w = w[0]
-    if w.dim() == 0 or w.dim() > x.dim():
+    from .launch import _weight_rows
+
+    try:
+        w = _weight_rows(weight, x.shape, x.device)
+    except (ValueError, TypeError, RuntimeError):
         return None
-    suffix = tuple(x.shape[x.dim() - w.dim() :])
-    if any(a != b and a != 1 for a, b in zip(w.shape, suffix, strict=True)):
-        return None
-    w = w.to(device=x.device, dtype=torch.float32).expand(suffix).contiguous()
     if w.numel() == 0 or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
         return None
     k = x.shape[-1]

@@ -56,7 +56,7 @@ TABLE_MIN_BLOCKS = 4096
 #: In the interpreter, bigger tiles mean fewer Python-level programs.
 INTERPRET_BLOCKS = 256
 
-_MODULES: dict[bool, object] = {}
+_MODULES: dict[tuple[str, bool], object] = {}
 _HAVE_TRITON: bool | None = None
 
 
@@ -77,8 +77,9 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _kernels(device: torch.device):
-    """The kernel module: compiled for CUDA tensors, an interpreted copy for CPU ones."""
+def _kernels(device: torch.device, module: str = "nvfp4_triton"):
+    """A Triton kernel module of this package (``nvfp4_triton``, ``swizzle_triton``):
+    compiled for CUDA tensors, an interpreted copy for CPU ones."""
     if not have_triton():
         raise RuntimeError("scalesweep_vllm Triton kernels need triton (pip install triton)")
     interp = device.type != "cuda"
@@ -87,17 +88,18 @@ def _kernels(device: torch.device):
             f"backend='triton' on a {device.type} tensor runs Triton's interpreter: set "
             "TRITON_INTERPRET=1 (or use backend='torch' / a CUDA tensor)"
         )
-    if interp not in _MODULES:
+    key = (module, interp)
+    if key not in _MODULES:
         if interp:
-            path = pathlib.Path(__file__).with_name("nvfp4_triton.py")
-            name = f"{__package__}._nvfp4_triton_interpreted"
+            path = pathlib.Path(__file__).with_name(f"{module}.py")
+            name = f"{__package__}._{module}_interpreted"
             spec = importlib.util.spec_from_file_location(name, path)
             mod = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(mod)
         else:
-            mod = importlib.import_module(".nvfp4_triton", __package__)
-        _MODULES[interp] = mod
-    return _MODULES[interp]
+            mod = importlib.import_module(f".{module}", __package__)
+        _MODULES[key] = mod
+    return _MODULES[key]
 
 
 def use_hw_e2m1(device: torch.device) -> bool:

@@ -16,11 +16,6 @@ Triton kernel runs on CPU in Triton's interpreter with ``TRITON_INTERPRET=1``.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
-import pathlib
-
 import torch
 
 from ..nvfp4 import BLOCK_SIZE
@@ -34,7 +29,6 @@ __all__ = [
 ]
 
 _BLOCK = 1024
-_MODULES: dict[bool, object] = {}
 
 
 def _round_up(n: int, m: int) -> int:
@@ -56,30 +50,6 @@ def swizzle_offsets(m: int, kb: int, device=None) -> torch.Tensor:
     return ((((r // 128) * kp4 + c // 4) * 32 + rr % 32) * 4 + rr // 32) * 4 + c % 4
 
 
-def _kernels(device: torch.device):
-    """The kernel module: compiled for CUDA tensors, an interpreted copy for CPU ones
-    (as :func:`.launch._kernels` does for the quantize kernels)."""
-    if not launch.have_triton():
-        raise RuntimeError("scalesweep_vllm Triton kernels need triton (pip install triton)")
-    interp = device.type != "cuda"
-    if interp and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise RuntimeError(
-            f"backend='triton' on a {device.type} tensor runs Triton's interpreter: set "
-            "TRITON_INTERPRET=1 (or use backend='torch' / a CUDA tensor)"
-        )
-    if interp not in _MODULES:
-        if interp:
-            path = pathlib.Path(__file__).with_name("swizzle_triton.py")
-            name = f"{__package__}._swizzle_triton_interpreted"
-            spec = importlib.util.spec_from_file_location(name, path)
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-        else:
-            mod = importlib.import_module(".swizzle_triton", __package__)
-        _MODULES[interp] = mod
-    return _MODULES[interp]
-
-
 def _swizzle_triton(s: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``out`` (tests poison it): uint8 of the swizzled shape; every byte is written."""
     m, kb = s.shape
@@ -88,7 +58,7 @@ def _swizzle_triton(s: torch.Tensor, out: torch.Tensor | None = None) -> torch.T
         out = torch.empty((mp, kp), dtype=torch.uint8, device=s.device)
     n_out = mp * kp
     if n_out:
-        mod = _kernels(s.device)
+        mod = launch._kernels(s.device, "swizzle_triton")
         grid = ((n_out + _BLOCK - 1) // _BLOCK,)
         mod.swizzle_kernel[grid](s, out, m, kb, kp // 4, n_out, BLOCK=_BLOCK, num_warps=4)
     return out
