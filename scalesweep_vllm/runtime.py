@@ -18,8 +18,9 @@ by the caller) and ``[..., K]`` for Linear inputs, so the per-head vector broadc
 over trailing dims (what the kernels' fast paths take).
 
 ``four_over_six`` is an evaluation-only runtime method (the peer baseline: the better
-of amax/6 and amax/4 per block by MSE, :func:`scalesweep_vllm.sweep.four_over_six_scales`,
-computed by the torch reference); the plugin serves only :data:`kernels.METHODS`.
+of amax/6 and amax/4 per block by MSE, :func:`scalesweep_vllm.sweep.four_over_six_scales`:
+the C++ CPU backend on CPU tensors, bit for bit, and the torch reference elsewhere);
+the plugin serves only :data:`kernels.METHODS`.
 
 No vLLM and no transformers import here.
 """
@@ -29,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from . import kernels, sweep
+from .kernels import cpu_backend
 
 __all__ = ["RUNTIME_METHODS", "Part", "fused_input_weight"]
 
@@ -61,6 +63,10 @@ class Part:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.method == "four_over_six":
+            if x.device.type == "cpu" and cpu_backend.available():
+                got = cpu_backend.fake_quantize(x, self.global_scale, "four_over_six", None)
+                if got is not None:
+                    return got
             g = self.global_scale.to(x.device)
             scales = sweep.four_over_six_scales(x, g)
             return sweep.quantize_dequantize(x, g, scales).to(x.dtype)

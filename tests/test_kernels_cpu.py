@@ -295,3 +295,92 @@ def test_cached_weights_and_scales_follow_in_place_changes():
         w[1, 5] = 1.0  # in place: same tensor, new values
         g.mul_(4.0)
     check_cpu(x, g, "wmse", w.clone())  # a new tensor with the same values
+
+
+# -- four-over-six, the evaluation's peer baseline ---------------------------------------
+
+
+def _check_four_over_six(x, g):
+    """Scale codes and fake-quantized bits of the C++ four-over-six against
+    ``sweep.four_over_six_scales`` and ``sweep.quantize_dequantize``."""
+    got = cpu_backend.quantize(x, g, "four_over_six", None)
+    assert got is not None, "the C++ backend declined a valid input"
+    want = sweep.four_over_six_scales(x, g)
+    assert torch.equal(got[1].view(torch.uint8), want.view(torch.uint8)), "scale codes differ"
+    y = cpu_backend.fake_quantize(x, g, "four_over_six", None)
+    y_ref = sweep.quantize_dequantize(x, g, want).to(x.dtype)
+    assert torch.equal(_bits(y), _bits(y_ref)), "fake-quantized values differ"
+    return want
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_four_over_six_exact(dtype, tk):
+    """Random rows, the adversarial set (ties, zeros, constants, tiny blocks), the top
+    of the FP8 range (amax/4 saturates: both codes 126) and the domain's edges."""
+    gen = torch.Generator().manual_seed(21)
+    for m in (1, 3, 17, 300):
+        x = tk.random_case("mse", m, dtype)[0]
+        for conv in ("paper", "compressed-tensors"):
+            _check_four_over_six(x, nvfp4.global_scale(x.float().abs().max(), conv))
+    adv = tk._adversarial_rows().to(dtype)
+    for g in (torch.tensor([1.0]), nvfp4.global_scale(adv.float().abs().max())):
+        _check_four_over_six(adv, g)
+    top = tk.top_of_range_rows(gen)
+    if dtype != torch.float16:  # 448 * 6 * 1.01 overflows float16
+        _check_four_over_six(top.to(dtype), torch.tensor([1.0]))
+    unit = torch.randn(4, 64, generator=gen)
+    unit = (unit / unit.abs().max()).to(dtype)
+    _check_four_over_six(unit * 2.0**-20, torch.tensor([2.0**30]))
+    _check_four_over_six(unit, torch.tensor([nvfp4.GLOBAL_SCALE_MIN]))
+
+
+def test_four_over_six_chooses_both_and_ties_low():
+    """The data picks each of the two scales somewhere, and a block whose two errors tie
+    (all zero: both codes reconstruct it exactly) takes the smaller code."""
+    gen = torch.Generator().manual_seed(22)
+    x = torch.randn(64, 256, generator=gen)
+    g = nvfp4.global_scale(x.abs().max())
+    s = _check_four_over_six(x, g).view(torch.uint8).long()
+    a = sweep._blocks(x).amax(-1).reshape(s.shape)
+    c6 = nvfp4.fp8_rne_code(((a / 6) * g).clamp(max=448)).clamp(min=1)
+    c4 = nvfp4.fp8_rne_code(((a / 4) * g).clamp(max=448)).clamp(min=1)
+    assert bool((s == c6).any()) and bool((s == c4).any()) and bool(((s == c6) | (s == c4)).all())
+    z = torch.zeros(2, 32)
+    assert int(_check_four_over_six(z, torch.tensor([1.0])).view(torch.uint8).max()) == 1
+
+
+def test_four_over_six_rejections_go_to_the_reference():
+    """NaN and a global scale out of range: the backend declines, the reference raises."""
+    from scalesweep_vllm.runtime import Part
+
+    bad = torch.randn(2, 32)
+    bad[1, 5] = float("nan")
+    assert cpu_backend.fake_quantize(bad, 1.0, "four_over_six", None) is None
+    with pytest.raises(ValueError):
+        Part("four_over_six", 1.0)(bad)
+    x = torch.randn(2, 32)
+    assert cpu_backend.fake_quantize(x, 2.0**120, "four_over_six", None) is None
+    with pytest.raises(ValueError):
+        Part("four_over_six", 2.0**120)(x)
+
+
+def test_runtime_four_over_six_uses_the_backend(monkeypatch):
+    """runtime.Part('four_over_six') on a CPU tensor: the C++ result, equal to the
+    reference bit for bit; with the backend off, the reference itself."""
+    from scalesweep_vllm import runtime
+
+    gen = torch.Generator().manual_seed(23)
+    x = torch.randn(3, 5, 64, generator=gen).to(torch.bfloat16)
+    g = nvfp4.global_scale(x.float().abs().max())
+    calls = []
+    real = cpu_backend.fake_quantize
+    monkeypatch.setattr(
+        cpu_backend, "fake_quantize", lambda *a: calls.append(a[2]) or real(*a)
+    )
+    y = runtime.Part("four_over_six", g)(x)
+    assert calls == ["four_over_six"]
+    ref = sweep.quantize_dequantize(x, g, sweep.four_over_six_scales(x, g)).to(x.dtype)
+    assert torch.equal(_bits(y), _bits(ref))
+    monkeypatch.setattr(cpu_backend, "available", lambda: False)
+    assert torch.equal(_bits(runtime.Part("four_over_six", g)(x)), _bits(ref))
+    assert calls == ["four_over_six"]

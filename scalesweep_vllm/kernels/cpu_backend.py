@@ -53,7 +53,9 @@ logger = logging.getLogger(__name__)
 
 DISABLE_ENV = "SCALESWEEP_CPU_BACKEND"
 _SOURCE = pathlib.Path(__file__).with_name("cpu") / "nvfp4_cpu.cpp"
-_METHOD_IDS = {"absmax": 0, "mse": 1, "wmse": 2}
+#: The dispatch's methods, plus "four_over_six" (unweighted) for the evaluation's
+#: peer baseline (:class:`scalesweep_vllm.runtime.Part`).
+_METHOD_IDS = {"absmax": 0, "mse": 1, "wmse": 2, "four_over_six": 3}
 _MODULE = None
 _FAILED: str | None = None
 _FP8_TABLE: torch.Tensor | None = None

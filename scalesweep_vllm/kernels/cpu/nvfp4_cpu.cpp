@@ -1,4 +1,5 @@
-// NVFP4 AbsMax / ScaleSweep (MSE, WMSE) on the CPU, bit-exact with the torch
+// NVFP4 AbsMax / ScaleSweep (MSE, WMSE) on the CPU, and the evaluation's
+// four-over-six baseline, bit-exact with the torch
 // reference (scalesweep_vllm/sweep.py): the same fp32 operations in the same
 // order, compiled with -ffp-contract=off (no fused multiply-add) and without
 // fast-math, so every product, quotient and sum rounds as torch's do.
@@ -136,9 +137,9 @@ inline vi fp8_ceil_code_v(vf t) {
   return vmaxi(vmini(code, splati(MAX_CODE)), splati(1));
 }
 
-// sweep._absmax_codes_blocks: max(fp8_rne(min((amax / 6) * G, 448)), 1).
-inline vi absmax_code_v(vf amax, vf g) {
-  vf t = vmin((amax / FP4_MAX) * g, splat(FP8_MAX));
+// sweep._absmax_codes_blocks: max(fp8_rne(min((amax / divisor) * G, 448)), 1).
+inline vi absmax_code_v(vf amax, vf g, float divisor = FP4_MAX) {
+  vf t = vmin((amax / divisor) * g, splat(FP8_MAX));
   return vmaxi(fp8_rne_code_v(t), splati(1));
 }
 
@@ -230,7 +231,7 @@ inline void normalize_weights_v(vf* Wt) {
 struct Args {
   int64_t nblocks, blocks_per_row, K, period;
   float g;
-  int method;  // 0 absmax, 1 mse, 2 wmse
+  int method;  // 0 absmax, 1 mse, 2 wmse, 3 four-over-six (MSE, evaluation baseline)
   bool fake;
   const float* w;  // [period, K] or null
 };
@@ -297,6 +298,25 @@ vi sweep_tile(const vf* Xa, const vf* Wn, const Args& p, int64_t& trips) {
   return best;
 }
 
+// sweep.four_over_six_scales without weights (the evaluation's peer baseline): per
+// block the codes of amax/6 and amax/4 on the sweep's flushed magnitudes, and of
+// the two the larger only where its error is strictly smaller (ties: the smaller).
+vi four_over_six_tile(const vf* Xa, float gs) {
+  vf A[BS];
+  const vf g = splat(gs);
+  for (int j = 0; j < BS; ++j) A[j] = Xa[j];
+  transpose16(A);
+  for (int i = 0; i < BS; ++i) A[i] = A[i] * g < FLUSH_SCALED ? splat(0.0f) : A[i];
+  vf am = A[0];
+  for (int i = 1; i < BS; ++i) am = vmax(am, A[i]);
+  const vi c6 = absmax_code_v(am, g, FP4_MAX), c4 = absmax_code_v(am, g, 4.0f);
+  const vf e6 = cand_err<false>(A, nullptr, g, c6), e4 = cand_err<false>(A, nullptr, g, c4);
+  const vi six_lo = c6 <= c4;
+  const vi lo = vmini(c6, c4), hi = vmaxi(c6, c4);
+  const vf e_lo = six_lo ? e6 : e4, e_hi = six_lo ? e4 : e6;
+  return e_hi < e_lo ? hi : lo;
+}
+
 // Row of 16 values of x (natural layout) as fp32.
 inline vf load16(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 inline vf load16(const c10::BFloat16* p) {
@@ -349,7 +369,7 @@ void run(const T* x, const Args& p, uint8_t* packed, uint8_t* scales, T* out, fl
   std::vector<int64_t> bad(slots, 0), trips(slots, 0);
   // Grain: a thread's share must outweigh waking it (tens of microseconds): 64 tiles
   // (16k elements) of a sweep, 256 of AbsMax; smaller inputs run on the calling thread.
-  const int64_t grain = p.method == 0 ? 256 : 64;
+  const int64_t grain = (p.method == 0 || p.method == 3) ? 256 : 64;
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
     vf am = splat(0.0f);
     vi nb = splati(0);
@@ -379,6 +399,9 @@ void run(const T* x, const Args& p, uint8_t* packed, uint8_t* scales, T* out, fl
         code = absmax_code_v(bm, splat(p.g));
       } else if (p.method == 1) {
         code = sweep_tile<false>(Xa, Wn, p, ntrips);
+      } else if (p.method == 3) {
+        code = four_over_six_tile(Xa, p.g);
+        ntrips += 2;
       } else {
         for (int j = 0; j < BS; ++j) {
           if (j < n) {
@@ -439,7 +462,7 @@ std::tuple<torch::Tensor, torch::Tensor, double, int64_t, int64_t> nvfp4_cpu(
     torch::Tensor x, double g, int64_t method, torch::Tensor w, int64_t period, bool fake) {
   TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() == 2, "x: contiguous 2-D CPU");
   TORCH_CHECK(x.size(1) % BS == 0, "K must be a multiple of 16");
-  TORCH_CHECK(method >= 0 && method <= 2, "method");
+  TORCH_CHECK(method >= 0 && method <= 3, "method");
   const int64_t R = x.size(0), K = x.size(1);
   Args p{R * (K / BS), K / BS, K, period < 1 ? 1 : period, float(g), int(method), fake, nullptr};
   if (method == 2) {
@@ -533,7 +556,7 @@ std::vector<double> constants() {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("nvfp4", &nvfp4_cpu, "NVFP4 quantize / fake-quantize (AbsMax, MSE, WMSE)");
+  m.def("nvfp4", &nvfp4_cpu, "NVFP4 quantize / fake-quantize (AbsMax, MSE, WMSE, four-over-six)");
   m.def("dequant", &nvfp4_dequant_cpu, "NVFP4 dequantize");
   m.def("constants", &constants, "the reference constants compiled in");
   m.def("peak_loop", &peak_loop, "simple vectorised fp32 loop, for the benchmark's peak");
