@@ -380,38 +380,26 @@ def quantize_model(
         "total_params": total_params,
         "totals": report.totals(rows),
     }
+    contents = writer.checkpoint_contents(
+        mdl,
+        quantized,
+        ignore,
+        sch,
+        objective,
+        global_scale_convention,
+        attention,
+        vectors,
+        src_name,
+        cal_info,
+        gptq=_gptq_meta(gcfg, rows),
+    )
     if in_memory:
-        rep["checkpoint"] = writer.checkpoint_contents(
-            mdl,
-            quantized,
-            ignore,
-            sch,
-            objective,
-            global_scale_convention,
-            attention,
-            vectors,
-            src_name,
-            cal_info,
-            gptq=_gptq_meta(gcfg, rows),
-        )
+        rep["checkpoint"] = contents
         rep["timing"] = {"wall_s": time.perf_counter() - t_start}
         return rep
     with writer.staging_dir(out, overwrite) as tmp:
-        writer.write_checkpoint(
-            tmp,
-            mdl,
-            quantized,
-            ignore,
-            sch,
-            objective,
-            global_scale_convention,
-            attention,
-            vectors,
-            src_dir,
-            src_name,
-            cal_info,
-            gptq=_gptq_meta(gcfg, rows),
-        )
+        writer.write_checkpoint(tmp, contents, src_dir, getattr(mdl, "generation_config", None))
+        del contents
         t_end = time.perf_counter()
         wall = t_end - t_start
         rep["timing"] = {

@@ -289,12 +289,15 @@ def checkpoint_contents(
     calibration: dict,
     gptq: dict | None = None,
 ) -> dict:
-    """What :func:`write_checkpoint` would write, kept in memory (the evaluation's
-    in-memory recipes): ``tensors`` (the safetensors content), ``config`` (the config
-    object of config.json), ``meta`` (scalesweep.json) and ``vectors`` (fp32, CPU)."""
+    """The checkpoint in memory: ``tensors`` (the safetensors content), ``config`` (the
+    config object of config.json), ``meta`` (scalesweep.json, ``weight_files`` filled
+    in by :func:`write_checkpoint`) and ``vectors`` (fp32, CPU). The evaluation's
+    in-memory recipes use it as it is; :func:`write_checkpoint` writes it."""
     cfg = copy.deepcopy(model.config)
     cfg.quantization_config = build_quantization_config(scheme, ignore)
-    cfg.dtype = torch.bfloat16
+    cfg.dtype = torch.bfloat16  # float32 here broke transformers' compressed forward
+    if not getattr(cfg, "architectures", None):
+        cfg.architectures = [type(model).__name__]
     return {
         "tensors": _state_dict(model, quantized, scheme.activations),
         "config": cfg,
@@ -306,41 +309,19 @@ def checkpoint_contents(
 
 
 def write_checkpoint(
-    out: Path,
-    model: nn.Module,
-    quantized: dict[str, QuantizedLinear],
-    ignore: list[str],
-    scheme: Scheme,
-    objective: str,
-    convention: str,
-    attention: dict[str, dict],
-    vectors: dict[str, torch.Tensor],
-    source_dir: Path | None,
-    source_name: str,
-    calibration: dict,
-    gptq: dict | None = None,
+    out: Path, contents: dict, source_dir: Path | None, generation_config=None
 ) -> dict:
-    """Write the whole checkpoint into ``out`` (a staging directory). Returns the
-    scalesweep.json content."""
-    tensors = _state_dict(model, quantized, scheme.activations)
-    files = _save_sharded(tensors, out)
-    del tensors
-
-    cfg = copy.deepcopy(model.config)
-    cfg.quantization_config = build_quantization_config(scheme, ignore)
-    cfg.dtype = torch.bfloat16  # float32 here broke transformers' compressed forward
-    if not getattr(cfg, "architectures", None):
-        cfg.architectures = [type(model).__name__]
+    """Write :func:`checkpoint_contents` into ``out`` (a staging directory), with the
+    source folder's tokenizer and side files. Returns the scalesweep.json content."""
+    files = _save_sharded(contents["tensors"], out)
+    cfg = contents["config"]
     cfg.save_pretrained(out)
-
     save_file(
-        {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in vectors.items()},
+        {k: v.contiguous() for k, v in contents["vectors"].items()},
         str(out / VECTORS_FILE),
         metadata={"format": "pt"},
     )
-    meta = metadata(
-        scheme, objective, convention, attention, ignore, calibration, gptq, source_name, files
-    )
+    meta = {**contents["meta"], "weight_files": files}
     (out / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     copied = set()
@@ -352,8 +333,7 @@ def write_checkpoint(
         if getattr(cfg, "auto_map", None):  # remote-code model: its modeling files too
             for py in source_dir.glob("*.py"):
                 shutil.copy2(py, out / py.name)
-    gen = getattr(model, "generation_config", None)
-    if "generation_config.json" not in copied and gen is not None:
+    if "generation_config.json" not in copied and generation_config is not None:
         with contextlib.suppress(Exception):
-            gen.save_pretrained(out)
+            generation_config.save_pretrained(out)
     return meta

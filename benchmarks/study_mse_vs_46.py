@@ -1,0 +1,223 @@
+#!/usr/bin/env python
+"""Where ScaleSweep MSE loses perplexity to four-over-six (issue 16): swap one
+layer type at a time between the two recipes' weights, and the runtime method
+between them, and measure perplexity and KLD on the same held-out tokens.
+
+    python benchmarks/study_mse_vs_46.py --tokens 16384 --json benchmarks/out/mse_vs_46.json
+
+Both recipes are quantized once in memory by ``quantize_model`` (paper global
+scale; reused from ``eval_table.py``'s recipe cache when there). They share every
+global scale (a function of amax alone), so a mixed checkpoint, MSE weights with
+type T's weights taken from four-over-six, is a valid checkpoint of its own.
+Rows (W4A16 unless named): MSE; four-over-six; MSE with each type from four-over-six;
+four-over-six with each type from MSE; and in W4A4 the four combinations of weight
+method and runtime (activation) method. Per layer type it also prints what the
+weights look like: the fraction of blocks whose MSE scale lies below AbsMax's
+(clipping the block maximum), and the relative change of the weights' squared norm
+(shrinkage) under each recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _recipe(ctx, recipe: str, cache: Path):
+    import torch
+
+    from scalesweep_vllm.evaluate.model import Checkpoint
+    from scalesweep_vllm.evaluate.run import quantize_recipe
+
+    saved = cache / f"{recipe}-paper.pt"
+    if saved.is_file():
+        return Checkpoint.from_contents(torch.load(saved, weights_only=False), recipe)
+    c = quantize_recipe(ctx.model_dir, recipe, "paper", "cpu", False)
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {"config": c.config, "tensors": c.tensors, "meta": c.meta, "vectors": c.vectors}, saved
+    )
+    return c
+
+
+def mix(base, other, types: tuple[str, ...], name: str):
+    """``base`` with the weights (codes and block scales) of ``types`` from ``other``."""
+    import torch
+
+    from scalesweep_vllm.evaluate.model import Checkpoint
+
+    tensors = dict(base.tensors)
+    for layer in base.quantized_linears():
+        if layer.rsplit(".", 1)[-1] in types:
+            g = f"{layer}.weight_global_scale"
+            if not torch.equal(base.tensors[g], other.tensors[g]):
+                raise ValueError(f"{layer}: the recipes' weight global scales differ")
+            for k in ("weight_packed", "weight_scale"):
+                tensors[f"{layer}.{k}"] = other.tensors[f"{layer}.{k}"]
+    return Checkpoint(base.config, tensors, base.meta, base.vectors, name)
+
+
+def weight_stats(ckpt, model_dir) -> dict:
+    """Per type: fraction of blocks whose scale is below AbsMax's code, and the
+    relative change of sum w^2 (decoded vs bf16)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from scalesweep_vllm import kernels, sweep
+
+    orig = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        orig.update(load_file(str(f)))
+    out = {t: {"blocks": 0, "below": 0, "sq": 0.0, "sq_q": 0.0} for t in TYPES}
+    for layer in ckpt.quantized_linears():
+        t = layer.rsplit(".", 1)[-1]
+        if t not in out:
+            continue
+        w = orig[f"{layer}.weight"].float()
+        g = ckpt.tensors[f"{layer}.weight_global_scale"].float()
+        codes = ckpt.tensors[f"{layer}.weight_scale"].view(torch.uint8).long()
+        c0 = sweep.absmax_codes(w, g)
+        deq = kernels.dequantize(
+            ckpt.tensors[f"{layer}.weight_packed"],
+            ckpt.tensors[f"{layer}.weight_scale"],
+            g,
+            torch.float32,
+        )
+        s = out[t]
+        s["blocks"] += codes.numel()
+        s["below"] += int((codes < c0).sum())
+        s["sq"] += float(w.double().square().sum())
+        s["sq_q"] += float(deq.double().square().sum())
+    return {
+        t: {"below_absmax": s["below"] / max(s["blocks"], 1), "sq_change": s["sq_q"] / s["sq"] - 1}
+        for t, s in out.items()
+    }
+
+
+TEMPERATURES = (0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2, 1.3)
+
+
+def temperature_nll(model, tokens, temps=TEMPERATURES):
+    """Mean NLL of the true next token under softmax(logits / T), per T and per half
+    of the windows: [2, len(temps)] (float64)."""
+    import torch
+
+    w = tokens.shape[0]
+    tot = torch.zeros(2, len(temps), dtype=torch.float64)
+    with torch.no_grad():
+        for s in range(w):
+            ids = tokens[s : s + 1]
+            z = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+            y = ids[0, 1:]
+            for i, t in enumerate(temps):
+                lp = torch.log_softmax(z / t, dim=-1).gather(-1, y[:, None])
+                tot[int(s >= w // 2), i] -= lp.double().sum()
+    return tot / (tokens.shape[1] - 1) / (w // 2)
+
+
+def temperature_rows(ctx, sources) -> list[dict]:
+    """Perplexity at the temperature that is best on one half, measured on the other:
+    how much of a recipe's perplexity is confidence (a flatter or sharper distribution)
+    rather than information lost."""
+    import math
+
+    from scalesweep_vllm.evaluate.model import build_model, runtime_settings
+
+    rows = []
+    for label, ck in sources:
+        if ck is None:
+            from transformers import AutoModelForCausalLM
+
+            m = AutoModelForCausalLM.from_pretrained(ctx.model_dir, dtype=ctx.dtype).eval()
+        else:
+            m = build_model(ck, runtime_settings(ck, "W4A16"), ctx.dtype, ctx.device)
+        nll = temperature_nll(m, ctx.ids)
+        best = [int(nll[h].argmin()) for h in (0, 1)]
+        cross = [float(nll[1 - h, best[h]]) for h in (0, 1)]  # fitted on h, scored on 1-h
+        rows.append(
+            {
+                "label": label,
+                "temperatures": list(TEMPERATURES),
+                "nll_halves": nll.tolist(),
+                "best_t_halves": [TEMPERATURES[b] for b in best],
+                "ppl_t1": math.exp(float(nll[:, TEMPERATURES.index(1.0)].mean())),
+                "ppl_cross_fitted": math.exp(sum(cross) / 2),
+            }
+        )
+        print(
+            f"| {label} | {rows[-1]['ppl_t1']:.3f} | {rows[-1]['best_t_halves']} "
+            f"| {rows[-1]['ppl_cross_fitted']:.3f} |",
+            flush=True,
+        )
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default="benchmarks/out/mse_vs_46.json")
+    p.add_argument("--recipe-cache", default="/tmp/scalesweep-recipes")
+    args = p.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from scalesweep_vllm.evaluate.run import prepare, score_checkpoint
+
+    ctx = prepare(None, args.tokens, progress=False)
+    cache = Path(args.recipe_cache)
+    mse, fos = _recipe(ctx, "mse", cache), _recipe(ctx, "four_over_six", cache)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data = {"header": ctx.header(), "weights": {}, "rows": []}
+    data["weights"] = {
+        "mse": weight_stats(mse, ctx.model_dir),
+        "four_over_six": weight_stats(fos, ctx.model_dir),
+    }
+    print("| type | MSE blocks below AbsMax | MSE sum w^2 change | 4/6 sum w^2 change |")
+    print("|---|---|---|---|")
+    for t in TYPES:
+        a, b = data["weights"]["mse"][t], data["weights"]["four_over_six"][t]
+        print(f"| {t} | {a['below_absmax']:.1%} | {a['sq_change']:+.3%} | {b['sq_change']:+.3%} |")
+    runs = [("MSE", mse, "W4A16", None), ("four-over-six", fos, "W4A16", None)]
+    for t in TYPES:
+        runs.append((f"MSE, {t} from 4/6", mix(mse, fos, (t,), t), "W4A16", None))
+    for t in TYPES:
+        runs.append((f"4/6, {t} from MSE", mix(fos, mse, (t,), t), "W4A16", None))
+    runs += [
+        ("MSE weights, MSE acts", mse, "W4A4", None),
+        ("MSE weights, 4/6 acts", mse, "W4A4", "four_over_six"),
+        ("4/6 weights, MSE acts", fos, "W4A4", "mse"),
+        ("4/6 weights, 4/6 acts", fos, "W4A4", None),
+    ]
+    print("\n| run | setting | perplexity | KLD | top-1 | s |")
+    print("|---|---|---|---|---|---|")
+    for label, ck, setting, rt in runs:
+        t0 = time.perf_counter()
+        row = score_checkpoint(ctx, ck, setting, rt)
+        row["label"] = label
+        data["rows"].append(row)
+        out.write_text(json.dumps(data, indent=1) + "\n")
+        print(
+            f"| {label} | {setting} | {row['ppl']:.3f} | {row['kld_mean']:.4f} "
+            f"| {row['top1']:.2%} | {time.perf_counter() - t0:.0f} |",
+            flush=True,
+        )
+    print("\n| model (W4A16) | perplexity | best T (half 1, half 2) | ppl at the other half's T |")
+    print("|---|---|---|---|")
+    data["temperature"] = temperature_rows(
+        ctx, [("BF16", None), ("MSE", mse), ("four-over-six", fos)]
+    )
+    out.write_text(json.dumps(data, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
