@@ -64,6 +64,75 @@ def mix(base, other, types: tuple[str, ...], name: str):
     return Checkpoint(base.config, tensors, base.meta, base.vectors, name)
 
 
+FUSED = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gu", "up_proj": "gu"}
+
+
+def norm_restored(ckpt, model_dir, name: str):
+    """``ckpt`` with each fused group's weight global scale divided by
+    ``beta = sqrt(sum w^2 / sum w_hat^2)`` over the group: the decoded weights scaled
+    back to the original squared norm (MSE-optimal rounding shrinks it by the error's
+    own energy: E[w_hat^2] = E[w^2] - MSE where the error is orthogonal to w_hat).
+    The codes stay; one factor per fused group, as vLLM's FP4 GEMM takes one scale."""
+    import torch
+    from safetensors.torch import load_file
+
+    from scalesweep_vllm import kernels
+    from scalesweep_vllm.evaluate.model import Checkpoint
+
+    orig = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        orig.update(load_file(str(f)))
+    groups: dict[str, list[str]] = {}
+    for layer in ckpt.quantized_linears():
+        parent, t = layer.rsplit(".", 1)
+        groups.setdefault(f"{parent}.{FUSED.get(t, t)}", []).append(layer)
+    tensors = dict(ckpt.tensors)
+    for members in groups.values():
+        sq = sq_q = 0.0
+        for layer in members:
+            g = ckpt.tensors[f"{layer}.weight_global_scale"].float()
+            deq = kernels.dequantize(
+                ckpt.tensors[f"{layer}.weight_packed"],
+                ckpt.tensors[f"{layer}.weight_scale"],
+                g,
+                torch.float32,
+            )
+            sq += float(orig[f"{layer}.weight"].double().square().sum())
+            sq_q += float(deq.double().square().sum())
+        beta = (sq / sq_q) ** 0.5 if sq_q > 0 else 1.0
+        for layer in members:
+            k = f"{layer}.weight_global_scale"
+            tensors[k] = ckpt.tensors[k] / beta
+    return Checkpoint(ckpt.config, tensors, ckpt.meta, ckpt.vectors, name)
+
+
+def no_clip_mse(ckpt, model_dir, name: str):
+    """``ckpt`` with every weight re-quantized by MSE restricted to codes at or above
+    the AbsMax code c0 (``[c0, hi]``, hi the sweep's proven upper bound): never clips
+    a block's largest element, as four-over-six never does, and otherwise the MSE
+    optimum (so its MSE is at most four-over-six's)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from scalesweep_vllm import nvfp4, sweep
+    from scalesweep_vllm.evaluate.model import Checkpoint
+
+    orig = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        orig.update(load_file(str(f)))
+    tensors = dict(ckpt.tensors)
+    for layer in ckpt.quantized_linears():
+        w = orig[f"{layer}.weight"].float()
+        g = ckpt.tensors[f"{layer}.weight_global_scale"].float().reshape(())
+        a, _ = sweep._objective(w, g, None)
+        _, hi, c0 = sweep._stage1_blocks(a, g, None)
+        codes = sweep._argmin_over_codes(a, g, None, c0, torch.maximum(hi, c0))[0]
+        scales = sweep._codes_to_scales(codes.reshape(sweep._scale_shape(w)))
+        tensors[f"{layer}.weight_scale"] = scales
+        tensors[f"{layer}.weight_packed"] = nvfp4.pack_fp4(sweep.quantize_codes(w, g, scales))
+    return Checkpoint(ckpt.config, tensors, ckpt.meta, ckpt.vectors, name)
+
+
 def weight_stats(ckpt, model_dir) -> dict:
     """Per type: fraction of blocks whose scale is below AbsMax's code, and the
     relative change of sum w^2 (decoded vs bf16)."""
@@ -165,6 +234,10 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default="benchmarks/out/mse_vs_46.json")
     p.add_argument("--recipe-cache", default="/tmp/scalesweep-recipes")
+    p.add_argument("--no-clip", action="store_true", help="only the no-clip MSE rows")
+    p.add_argument(
+        "--norm-restore", action="store_true", help="only the norm-restored rows (a second run)"
+    )
     args = p.parse_args()
     import torch
 
@@ -186,17 +259,37 @@ def main() -> int:
     for t in TYPES:
         a, b = data["weights"]["mse"][t], data["weights"]["four_over_six"][t]
         print(f"| {t} | {a['below_absmax']:.1%} | {a['sq_change']:+.3%} | {b['sq_change']:+.3%} |")
-    runs = [("MSE", mse, "W4A16", None), ("four-over-six", fos, "W4A16", None)]
-    for t in TYPES:
+    if args.no_clip:
+        out = out.with_name(out.stem + "_noclip.json")
+        nc = no_clip_mse(mse, ctx.model_dir, "MSE without clipping")
+        runs = [("MSE, codes >= c0 (no clipping)", nc, "W4A16", None)]
+        runs += [("MSE, codes >= c0 (no clipping)", nc, "W4A4", None)]
+    elif args.norm_restore:
+        out = out.with_name(out.stem + "_norm.json")
+        mse_n = norm_restored(mse, ctx.model_dir, "MSE norm-restored")
+        fos_n = norm_restored(fos, ctx.model_dir, "4/6 norm-restored")
+        runs = [
+            ("MSE, norm-restored", mse_n, "W4A16", None),
+            ("4/6, norm-restored", fos_n, "W4A16", None),
+            ("MSE, norm-restored", mse_n, "W4A4", None),
+            ("4/6, norm-restored", fos_n, "W4A4", None),
+        ]
+    else:
+        runs = [("MSE", mse, "W4A16", None), ("four-over-six", fos, "W4A16", None)]
+    for t in TYPES if not args.norm_restore else ():
         runs.append((f"MSE, {t} from 4/6", mix(mse, fos, (t,), t), "W4A16", None))
-    for t in TYPES:
+    for t in TYPES if not args.norm_restore else ():
         runs.append((f"4/6, {t} from MSE", mix(fos, mse, (t,), t), "W4A16", None))
-    runs += [
-        ("MSE weights, MSE acts", mse, "W4A4", None),
-        ("MSE weights, 4/6 acts", mse, "W4A4", "four_over_six"),
-        ("4/6 weights, MSE acts", fos, "W4A4", "mse"),
-        ("4/6 weights, 4/6 acts", fos, "W4A4", None),
-    ]
+    runs += (
+        []
+        if args.norm_restore
+        else [
+            ("MSE weights, MSE acts", mse, "W4A4", None),
+            ("MSE weights, 4/6 acts", mse, "W4A4", "four_over_six"),
+            ("4/6 weights, MSE acts", fos, "W4A4", "mse"),
+            ("4/6 weights, 4/6 acts", fos, "W4A4", None),
+        ]
+    )
     print("\n| run | setting | perplexity | KLD | top-1 | s |")
     print("|---|---|---|---|---|---|")
     for label, ck, setting, rt in runs:
