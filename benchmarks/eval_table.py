@@ -195,10 +195,66 @@ def render(args) -> str:
                     f"| {r['kld_mean']:.4f} ± {n['kld_mean']:.4f} | {r['kld_p99']:.3f} "
                     f"| {r['top1']:.2%} | {removed} |"
                 )
+    lines += paired(rows)
     text = "\n".join(lines) + "\n"
     if args.plot:
         plot(rows, args.plot)
     return text
+
+
+def paired(rows: list[dict]) -> list[str]:
+    """Paired differences on each half of the text (the halves differ in difficulty;
+    two recipes on the same half do not): ScaleSweep against four-over-six and
+    against each peer checkpoint, per setting, paper scale. "beyond the noise" when
+    both halves agree in sign and their mean exceeds half their spread."""
+
+    def find(setting, pred):
+        return next((r for r in rows if r["setting"] == setting and pred(r)), None)
+
+    def ours(recipe):
+        return lambda r: (
+            r.get("recipe") == recipe
+            and r.get("global_scale") == "paper"
+            and not r.get("runtime_method")
+        )
+
+    out = [
+        "",
+        "Paired differences, other minus ScaleSweep, on the two halves of the text "
+        "(NLL in nats per token; positive: ScaleSweep better):",
+        "",
+        "| setting | ScaleSweep | other | dNLL half 1 / half 2 | dKLD half 1 / half 2 | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    others = [("four-over-six", ours("four_over_six"))]
+    for ck in sorted({r["checkpoint"] for r in rows if "checkpoint" in r}):
+        others.append((Path(ck).name, lambda r, ck=ck: r.get("checkpoint") == ck))
+    for setting in SETTING_ORDER:
+        for mine in ("wmse", "mse"):
+            a = find(setting, ours(mine))
+            for name, pred in others:
+                b = find(setting, pred)
+                if a is None or b is None or ("checkpoint" in b and mine == "mse"):
+                    continue
+                dn = [
+                    hb["nll"] - ha["nll"] for ha, hb in zip(a["halves"], b["halves"], strict=True)
+                ]
+                dk = [
+                    hb["kld_mean"] - ha["kld_mean"]
+                    for ha, hb in zip(a["halves"], b["halves"], strict=True)
+                ]
+
+                def verdict(d):
+                    m, spread = (d[0] + d[1]) / 2, abs(d[0] - d[1]) / 2
+                    if d[0] * d[1] > 0 and abs(m) > spread:
+                        return "better" if m > 0 else "worse"
+                    return "within noise"
+
+                out.append(
+                    f"| {setting} | {LABELS[mine]} | {name} | {dn[0]:+.4f} / {dn[1]:+.4f} "
+                    f"| {dk[0]:+.4f} / {dk[1]:+.4f} | ppl {verdict(dn)}, KLD {verdict(dk)} |"
+                )
+    return out
 
 
 def plot(rows: list[dict], out: str) -> None:
