@@ -64,6 +64,16 @@ def mix(base, other, types: tuple[str, ...], name: str):
     return Checkpoint(base.config, tensors, base.meta, base.vectors, name)
 
 
+def _original_weights(model_dir) -> dict:
+    """The BF16 model's tensors by name."""
+    from safetensors.torch import load_file
+
+    orig = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        orig.update(load_file(str(f)))
+    return orig
+
+
 FUSED = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gu", "up_proj": "gu"}
 
 
@@ -74,14 +84,11 @@ def norm_restored(ckpt, model_dir, name: str):
     own energy: E[w_hat^2] = E[w^2] - MSE where the error is orthogonal to w_hat).
     The codes stay; one factor per fused group, as vLLM's FP4 GEMM takes one scale."""
     import torch
-    from safetensors.torch import load_file
 
     from scalesweep_vllm import kernels
     from scalesweep_vllm.evaluate.model import Checkpoint
 
-    orig = {}
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        orig.update(load_file(str(f)))
+    orig = _original_weights(model_dir)
     groups: dict[str, list[str]] = {}
     for layer in ckpt.quantized_linears():
         parent, t = layer.rsplit(".", 1)
@@ -112,14 +119,11 @@ def no_clip_mse(ckpt, model_dir, name: str):
     a block's largest element, as four-over-six never does, and otherwise the MSE
     optimum (so its MSE is at most four-over-six's)."""
     import torch
-    from safetensors.torch import load_file
 
     from scalesweep_vllm import nvfp4, sweep
     from scalesweep_vllm.evaluate.model import Checkpoint
 
-    orig = {}
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        orig.update(load_file(str(f)))
+    orig = _original_weights(model_dir)
     tensors = dict(ckpt.tensors)
     for layer in ckpt.quantized_linears():
         w = orig[f"{layer}.weight"].float()
@@ -133,17 +137,43 @@ def no_clip_mse(ckpt, model_dir, name: str):
     return Checkpoint(ckpt.config, tensors, ckpt.meta, ckpt.vectors, name)
 
 
+def no_clip_wmse(ctx):
+    """WMSE quantized by ``quantize_model`` with each weight's codes restricted to
+    ``[c0, hi]`` (the reference's candidate errors, weighted as the quantizer weighs
+    them): whether the default recipe gains from never clipping a block maximum."""
+    from unittest import mock
+
+    import torch
+
+    from scalesweep_vllm import nvfp4, sweep
+    from scalesweep_vllm.evaluate.run import quantize_recipe
+    from scalesweep_vllm.quantize import weights
+
+    real = weights._quantize
+
+    def restricted(w, g_w, objective, ww):
+        if objective != "wmse":
+            return real(w, g_w, objective, ww)
+        w32 = w.float()
+        g, wt = sweep.validate(w32, g_w, ww)
+        a, wn = sweep._objective(w32, g, wt)
+        _, hi, c0 = sweep._stage1_blocks(a, g, wn)
+        codes = sweep._argmin_over_codes(a, g, wn, c0, torch.maximum(hi, c0))[0]
+        scales = sweep._codes_to_scales(codes.reshape(sweep._scale_shape(w32)))
+        return nvfp4.pack_fp4(sweep.quantize_codes(w32, g, scales)).to(w.device), scales
+
+    with mock.patch.object(weights, "_quantize", restricted):
+        return quantize_recipe(ctx.model_dir, "wmse", "paper", "cpu", False)
+
+
 def weight_stats(ckpt, model_dir) -> dict:
     """Per type: fraction of blocks whose scale is below AbsMax's code, and the
     relative change of sum w^2 (decoded vs bf16)."""
     import torch
-    from safetensors.torch import load_file
 
     from scalesweep_vllm import kernels, sweep
 
-    orig = {}
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        orig.update(load_file(str(f)))
+    orig = _original_weights(model_dir)
     out = {t: {"blocks": 0, "below": 0, "sq": 0.0, "sq_q": 0.0} for t in TYPES}
     for layer in ckpt.quantized_linears():
         t = layer.rsplit(".", 1)[-1]
@@ -235,6 +265,7 @@ def main() -> int:
     p.add_argument("--json", default="benchmarks/out/mse_vs_46.json")
     p.add_argument("--recipe-cache", default="/tmp/scalesweep-recipes")
     p.add_argument("--no-clip", action="store_true", help="only the no-clip MSE rows")
+    p.add_argument("--no-clip-wmse", action="store_true", help="only the no-clip WMSE rows")
     p.add_argument(
         "--norm-restore", action="store_true", help="only the norm-restored rows (a second run)"
     )
@@ -259,7 +290,15 @@ def main() -> int:
     for t in TYPES:
         a, b = data["weights"]["mse"][t], data["weights"]["four_over_six"][t]
         print(f"| {t} | {a['below_absmax']:.1%} | {a['sq_change']:+.3%} | {b['sq_change']:+.3%} |")
-    if args.no_clip:
+    if args.no_clip_wmse:
+        out = out.with_name(out.stem + "_noclip_wmse.json")
+        wm, nc = _recipe(ctx, "wmse", cache), no_clip_wmse(ctx)
+        runs = [
+            (f"WMSE{x}", ck, s, None)
+            for s in ("W4A16", "W4A4")
+            for x, ck in (("", wm), (", codes >= c0", nc))
+        ]
+    elif args.no_clip:
         out = out.with_name(out.stem + "_noclip.json")
         nc = no_clip_mse(mse, ctx.model_dir, "MSE without clipping")
         runs = [("MSE, codes >= c0 (no clipping)", nc, "W4A16", None)]
