@@ -66,9 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--objective",
         choices=list(OBJECTIVES),
         default="wmse",
-        help="block-scale choice: absmax (amax/6, the usual recipe), mse (exact sweep), "
-        "wmse (exact sweep weighted by calibrated E[x^2]; default). Also the runtime "
-        "method recorded for activations, KV cache and queries",
+        help="block-scale choice: absmax (amax/6, the usual recipe), mse (exact sweep; "
+        "on the default model worse in perplexity than four-over-six at equal KLD, see "
+        "benchmarks/RESULTS.md), wmse (exact sweep weighted by calibrated E[x^2]; "
+        "default, the most accurate). Also the runtime method recorded for "
+        "activations, KV cache and queries",
     )
     p.add_argument(
         "--calib",
