@@ -374,9 +374,7 @@ def test_runtime_four_over_six_uses_the_backend(monkeypatch):
     g = nvfp4.global_scale(x.float().abs().max())
     calls = []
     real = cpu_backend.fake_quantize
-    monkeypatch.setattr(
-        cpu_backend, "fake_quantize", lambda *a: calls.append(a[2]) or real(*a)
-    )
+    monkeypatch.setattr(cpu_backend, "fake_quantize", lambda *a: calls.append(a[2]) or real(*a))
     y = runtime.Part("four_over_six", g)(x)
     assert calls == ["four_over_six"]
     ref = sweep.quantize_dequantize(x, g, sweep.four_over_six_scales(x, g)).to(x.dtype)

@@ -220,9 +220,11 @@ def test_scales_are_sweep_scales_with_shared_global_scales(built, arch):
         key = next((f"{parent}:{'+'.join(ps)}" for ps in PARTNERS if leaf in ps), p)
         groups.setdefault(key, []).append(p)
     assert any(len(g) == 3 for g in groups.values()) and any(len(g) == 2 for g in groups.values())
+    conv = json.loads((dst / "scalesweep.json").read_text())["global_scale_convention"]
+    assert conv == "compressed-tensors"  # the default
     for members in groups.values():
-        g_w = nvfp4.global_scale(max(float(weights[p].float().abs().max()) for p in members))
-        g_a = nvfp4.global_scale(max(amax[p] for p in members))
+        g_w = nvfp4.global_scale(max(float(weights[p].float().abs().max()) for p in members), conv)
+        g_a = nvfp4.global_scale(max(amax[p] for p in members), conv)
         for p in members:
             assert torch.equal(sd[f"{p}.weight_global_scale"], g_w), p
             torch.testing.assert_close(sd[f"{p}.input_global_scale"], g_a, rtol=1e-6, atol=0)
@@ -265,8 +267,10 @@ def test_post_rotary_query_key_statistics(built):
         model(input_ids=toks, use_cache=False)
     for name, s in seen.items():
         a = meta["attention"][name]
-        assert a["q_global_scale"] == pytest.approx(float(nvfp4.global_scale(s["qa"])), rel=1e-5)
-        assert a["k_global_scale"] == pytest.approx(float(nvfp4.global_scale(s["ka"])), rel=1e-5)
+        conv = meta["global_scale_convention"]
+        g_q, g_k = nvfp4.global_scale(s["qa"], conv), nvfp4.global_scale(s["ka"], conv)
+        assert a["q_global_scale"] == pytest.approx(float(g_q), rel=1e-5)
+        assert a["k_global_scale"] == pytest.approx(float(g_k), rel=1e-5)
         q2, k2 = (s["q2"] / s["n"]).float(), (s["k2"] / s["n"]).float()
         torch.testing.assert_close(
             vec[f"{name}.k_weight"], q2.view(2, 2, 16).sum(1), rtol=1e-4, atol=0

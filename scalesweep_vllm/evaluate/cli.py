@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..nvfp4 import GLOBAL_SCALE_TARGETS
+from ..quantize.pipeline import DEFAULT_GLOBAL_SCALE
 from ..runtime import RUNTIME_METHODS
 from .run import DEFAULT_SEQ_LEN, DEFAULT_TOKENS, RECIPES, SETTINGS
 
@@ -31,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--global-scale",
         choices=sorted(GLOBAL_SCALE_TARGETS),
-        default="paper",
-        help="recipe's global scale: paper = 256*6/amax (default), compressed-tensors = 448*6/amax",
+        default=DEFAULT_GLOBAL_SCALE,
+        help="recipe's global scale: compressed-tensors = 448*6/amax (default, as the "
+        "quantizer's), paper = 256*6/amax",
     )
     p.add_argument(
         "--setting",

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..quantize.pipeline import DEFAULT_GLOBAL_SCALE
 from . import metrics
 from .model import Checkpoint, build_model, runtime_settings
 
@@ -41,7 +42,7 @@ DEFAULT_SEQ_LEN = 512
 def quantize_recipe(
     model_dir: Path,
     recipe: str,
-    convention: str = "paper",
+    convention: str = DEFAULT_GLOBAL_SCALE,
     device: str = "cpu",
     progress: bool = True,
     calib=None,
@@ -166,7 +167,7 @@ def evaluate(
     model: str | Path | None = None,
     recipe: str | None = None,
     checkpoint: str | Path | Checkpoint | None = None,
-    global_scale: str = "paper",
+    global_scale: str = DEFAULT_GLOBAL_SCALE,
     settings: list[str] | None = None,
     runtime_method: str | None = None,
     tokens: int = DEFAULT_TOKENS,

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..nvfp4 import GLOBAL_SCALE_TARGETS
 from .data import CalibrationWarning
 from .gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP
-from .pipeline import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, quantize_model
+from .pipeline import DEFAULT_GLOBAL_SCALE, DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, quantize_model
 from .scheme import OBJECTIVES, SCHEMES
 
 __all__ = ["build_parser", "default_output", "main"]
@@ -105,9 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--global-scale",
         dest="global_scale",
         choices=sorted(GLOBAL_SCALE_TARGETS),
-        default="paper",
-        help="global scale: paper = 256*6/amax (default; leaves the largest blocks room "
-        "for the sweep), compressed-tensors = 448*6/amax",
+        default=DEFAULT_GLOBAL_SCALE,
+        help="global scale: compressed-tensors = 448*6/amax (default, as vLLM and "
+        "llm-compressor; the most accurate in benchmarks/RESULTS.md), paper = 256*6/amax "
+        "(the paper's: room above the largest blocks for the sweep)",
     )
     p.add_argument(
         "--gptq",
