@@ -8,6 +8,7 @@ from plugin_support import tiny_checkpoint, tiny_model_dir
 
 from scalesweep_vllm.evaluate import Checkpoint, evaluate, quantize_recipe
 from scalesweep_vllm.quantize import assets
+from scalesweep_vllm.quantize.pipeline import DEFAULT_GLOBAL_SCALE
 
 TOKENS, SEQ_LEN = 256, 64
 CALIB = dict(num_samples=16, seq_len=64)  # what tiny_checkpoint uses
@@ -49,10 +50,17 @@ def test_bf16_against_itself_is_zero(model_dir, cache):
 
 def test_in_memory_recipe_equals_written_checkpoint(model_dir, cache, tmp_path_factory):
     """The recipe quantized in memory and the checkpoint the quantizer writes for the
-    same recipe (tiny_checkpoint: wmse, paper, W4A4KV4Q4) give the same numbers."""
+    same recipe (tiny_checkpoint: wmse, the default global scale, W4A4KV4Q4) give the
+    same numbers."""
     ckpt_dir = tiny_checkpoint(tmp_path_factory, "W4A4KV4Q4")
     mem = quantize_recipe(
-        model_dir, "wmse", "paper", "cpu", False, assets.calibration_texts()[:32], **CALIB
+        model_dir,
+        "wmse",
+        DEFAULT_GLOBAL_SCALE,
+        "cpu",
+        False,
+        assets.calibration_texts()[:32],
+        **CALIB,
     )
     disk = Checkpoint.from_dir(ckpt_dir)
     assert set(mem.tensors) == set(disk.tensors)
