@@ -211,30 +211,34 @@ def paired(rows: list[dict]) -> list[str]:
     def find(setting, pred):
         return next((r for r in rows if r["setting"] == setting and pred(r)), None)
 
-    def ours(recipe):
+    def ours(recipe, conv="paper"):
         return lambda r: (
             r.get("recipe") == recipe
-            and r.get("global_scale") == "paper"
+            and r.get("global_scale") == conv
             and not r.get("runtime_method")
         )
 
     out = [
         "",
         "Paired differences, other minus ScaleSweep, on the two halves of the text "
-        "(NLL in nats per token; positive: ScaleSweep better):",
+        "(NLL in nats per token; positive: ScaleSweep better). Four-over-six against "
+        "ScaleSweep at the paper scale (both as the paper runs them); llm-compressor's "
+        "checkpoints (448*6/amax) against ScaleSweep WMSE at 448:",
         "",
         "| setting | ScaleSweep | other | dNLL half 1 / half 2 | dKLD half 1 / half 2 | verdict |",
         "|---|---|---|---|---|---|",
     ]
-    others = [("four-over-six", ours("four_over_six"))]
+    others = [("four-over-six", ours("four_over_six"), "paper")]
     for ck in sorted({r["checkpoint"] for r in rows if "checkpoint" in r}):
-        others.append((Path(ck).name, lambda r, ck=ck: r.get("checkpoint") == ck))
+        others.append((Path(ck).name, lambda r, ck=ck: r.get("checkpoint") == ck, "448"))
     for setting in SETTING_ORDER:
         for mine in ("wmse", "mse"):
-            a = find(setting, ours(mine))
-            for name, pred in others:
+            for name, pred, conv in others:
+                if conv == "448" and mine == "mse":
+                    continue
+                a = find(setting, ours(mine, "compressed-tensors" if conv == "448" else "paper"))
                 b = find(setting, pred)
-                if a is None or b is None or ("checkpoint" in b and mine == "mse"):
+                if a is None or b is None:
                     continue
                 dn = [
                     hb["nll"] - ha["nll"] for ha, hb in zip(a["halves"], b["halves"], strict=True)
@@ -250,8 +254,9 @@ def paired(rows: list[dict]) -> list[str]:
                         return "better" if m > 0 else "worse"
                     return "within noise"
 
+                label = LABELS[mine] + (" (448)" if conv == "448" else "")
                 out.append(
-                    f"| {setting} | {LABELS[mine]} | {name} | {dn[0]:+.4f} / {dn[1]:+.4f} "
+                    f"| {setting} | {label} | {name} | {dn[0]:+.4f} / {dn[1]:+.4f} "
                     f"| {dk[0]:+.4f} / {dk[1]:+.4f} | ppl {verdict(dn)}, KLD {verdict(dk)} |"
                 )
     return out
