@@ -3,8 +3,8 @@
 on the same held-out tokens against the same cached BF16 reference.
 
     python benchmarks/eval_table.py --tokens 65536 --threads 1 \\
-        --json benchmarks/accuracy.json [--peers DIR ...]
-    python benchmarks/eval_table.py --render --json benchmarks/accuracy.json   # table + plot
+        --json benchmarks/accuracy_64k.json [--peers DIR ...]
+    python benchmarks/eval_table.py --render --json benchmarks/accuracy_64k.json   # table + plot
 
 Rows are run in priority order (paper global scale first, then the 448 one; per
 recipe the settings W4A16, W4A4, W4A4KV4Q4, W4A4KV4) and appended to the JSON as
@@ -304,7 +304,7 @@ def plot(rows: list[dict], out: str) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--json", default="benchmarks/accuracy.json")
+    p.add_argument("--json", default="benchmarks/accuracy_64k.json")
     p.add_argument("--tokens", type=int, default=65536)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=2)
