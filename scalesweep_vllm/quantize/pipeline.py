@@ -37,11 +37,13 @@ __all__ = [
 #: Defaults sized for the default model on 2 CPU cores (a few minutes end to end).
 DEFAULT_NUM_SAMPLES = 64
 DEFAULT_SEQ_LEN = 256
-#: The default global scale: compressed-tensors' and vLLM's 448*6/amax. Chosen from
-#: the 64k-token accuracy table (benchmarks/RESULTS.md, issue 16): with it ScaleSweep
-#: WMSE's KLD is lower in every setting (by 1-3%, beyond the noise) at equal
-#: perplexity, AbsMax's by 7-8%, and it is the scale every other NVFP4 tool writes.
-DEFAULT_GLOBAL_SCALE = "compressed-tensors"
+#: The default global scale: the paper's 256*6/amax. The 64k-token accuracy table
+#: (benchmarks/RESULTS.md, issue 16) measured 448*6/amax slightly better (WMSE KLD
+#: 1-3% lower, perplexity within noise), but a checkpoint at 448 served by the plugin
+#: does not yet match the evaluation as closely (tests/test_plugin_w4a4kv4q4.py::
+#: test_served_perplexity_equals_evaluation: 0.5% perplexity instead of < 0.1%), so the
+#: default stays until that is understood.
+DEFAULT_GLOBAL_SCALE = "paper"
 
 #: Tokens per calibration forward batch.
 BATCH_TOKENS = 4096
