@@ -39,10 +39,11 @@ DEFAULT_NUM_SAMPLES = 64
 DEFAULT_SEQ_LEN = 256
 #: The default global scale: the paper's 256*6/amax. The 64k-token accuracy table
 #: (benchmarks/RESULTS.md, issue 16) measured 448*6/amax slightly better (WMSE KLD
-#: 1-3% lower, perplexity within noise), but a checkpoint at 448 served by the plugin
-#: does not yet match the evaluation as closely (tests/test_plugin_w4a4kv4q4.py::
-#: test_served_perplexity_equals_evaluation: 0.5% perplexity instead of < 0.1%), so the
-#: default stays until that is understood.
+#: 1-3% lower, perplexity within noise), but at 448 the plugin's query (Q4) path does
+#: not yet match the evaluation (tests/test_plugin_w4a4kv4q4.py::
+#: test_served_perplexity_equals_evaluation: 0.5% perplexity instead of < 0.1%;
+#: benchmarks/probe_served_parts.py: W4A4 and W4A4KV4 match), so the default stays
+#: until that is understood.
 DEFAULT_GLOBAL_SCALE = "paper"
 
 #: Tokens per calibration forward batch.
