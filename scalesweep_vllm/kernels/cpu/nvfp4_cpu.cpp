@@ -236,6 +236,18 @@ struct Args {
   const float* w;  // [period, K] or null
 };
 
+// sweep._objective's magnitudes of one tile, one block per lane: A[element] = the
+// 16 blocks' |x| (Xa in the natural layout, transposed), flushed where |x| * G is
+// below FLUSH_SCALED. Returns each block's largest flushed magnitude.
+inline vf objective_lanes(const vf* Xa, vf g, vf* A) {
+  for (int j = 0; j < BS; ++j) A[j] = Xa[j];
+  transpose16(A);
+  for (int i = 0; i < BS; ++i) A[i] = A[i] * g < FLUSH_SCALED ? splat(0.0f) : A[i];
+  vf am = A[0];
+  for (int i = 1; i < BS; ++i) am = vmax(am, A[i]);
+  return am;
+}
+
 // Sweep over codes [lo, hi] per lane; returns the smallest code of least error
 // (best/best_err updated only where strictly better, so earlier codes win ties).
 template <bool W>
@@ -259,16 +271,12 @@ template <bool W>
 vi sweep_tile(const vf* Xa, const vf* Wn, const Args& p, int64_t& trips) {
   vf A[BS], Wt[BS];
   const vf g = splat(p.g);
-  for (int j = 0; j < BS; ++j) A[j] = Xa[j];
-  transpose16(A);  // A[element] = lanes of blocks
-  for (int i = 0; i < BS; ++i) A[i] = A[i] * g < FLUSH_SCALED ? splat(0.0f) : A[i];
+  const vf am = objective_lanes(Xa, g, A);
   if (W) {
     for (int j = 0; j < BS; ++j) Wt[j] = Wn[j];
     transpose16(Wt);
     normalize_weights_v(Wt);
   }
-  vf am = A[0];
-  for (int i = 1; i < BS; ++i) am = vmax(am, A[i]);
   // sweep._stage1_blocks: c0, the upper bound, the first window
   const vi c0 = absmax_code_v(am, g);
   vi hi = c0 >= 8 ? vmini(c0 + UPPER_OFFSET, splati(MAX_CODE)) : splati(15);
@@ -304,11 +312,7 @@ vi sweep_tile(const vf* Xa, const vf* Wn, const Args& p, int64_t& trips) {
 vi four_over_six_tile(const vf* Xa, float gs) {
   vf A[BS];
   const vf g = splat(gs);
-  for (int j = 0; j < BS; ++j) A[j] = Xa[j];
-  transpose16(A);
-  for (int i = 0; i < BS; ++i) A[i] = A[i] * g < FLUSH_SCALED ? splat(0.0f) : A[i];
-  vf am = A[0];
-  for (int i = 1; i < BS; ++i) am = vmax(am, A[i]);
+  const vf am = objective_lanes(Xa, g, A);
   const vi c6 = absmax_code_v(am, g, FP4_MAX), c4 = absmax_code_v(am, g, 4.0f);
   const vf e6 = cand_err<false>(A, nullptr, g, c6), e4 = cand_err<false>(A, nullptr, g, c4);
   const vi six_lo = c6 <= c4;
