@@ -202,16 +202,24 @@ def render(args) -> str:
     return text
 
 
+def _verdict(d: list[float]) -> str:
+    """ "better"/"worse" when both halves agree in sign and their mean exceeds half
+    their spread, else "within noise"."""
+    m, spread = (d[0] + d[1]) / 2, abs(d[0] - d[1]) / 2
+    if d[0] * d[1] > 0 and abs(m) > spread:
+        return "better" if m > 0 else "worse"
+    return "within noise"
+
+
 def paired(rows: list[dict]) -> list[str]:
     """Paired differences on each half of the text (the halves differ in difficulty;
-    two recipes on the same half do not): ScaleSweep against four-over-six and
-    against each peer checkpoint, per setting, paper scale. "beyond the noise" when
-    both halves agree in sign and their mean exceeds half their spread."""
+    two recipes on the same half do not): ScaleSweep against four-over-six at each
+    global scale and against each peer checkpoint (at 448, theirs), per setting."""
 
     def find(setting, pred):
         return next((r for r in rows if r["setting"] == setting and pred(r)), None)
 
-    def ours(recipe, conv="paper"):
+    def ours(recipe, conv):
         return lambda r: (
             r.get("recipe") == recipe
             and r.get("global_scale") == conv
@@ -227,39 +235,27 @@ def paired(rows: list[dict]) -> list[str]:
         "| setting | ScaleSweep | other | dNLL half 1 / half 2 | dKLD half 1 / half 2 | verdict |",
         "|---|---|---|---|---|---|",
     ]
+    ct = "compressed-tensors"
+    # (name, row predicate, our convention, peer checkpoint: compared with WMSE only)
     others = [
-        ("four-over-six", ours("four_over_six"), "paper"),
-        ("four-over-six (448)", ours("four_over_six", "compressed-tensors"), "448"),
+        ("four-over-six", ours("four_over_six", "paper"), "paper", False),
+        ("four-over-six (448)", ours("four_over_six", ct), ct, False),
     ]
     for ck in sorted({r["checkpoint"] for r in rows if "checkpoint" in r}):
-        others.append((Path(ck).name, lambda r, ck=ck: r.get("checkpoint") == ck, "448"))
+        others.append((Path(ck).name, lambda r, ck=ck: r.get("checkpoint") == ck, ct, True))
     for setting in SETTING_ORDER:
         for mine in ("wmse", "mse"):
-            for name, pred, conv in others:
-                if name.startswith("llmc") and mine == "mse":
+            for name, pred, conv, peer in others:
+                a, b = find(setting, ours(mine, conv)), find(setting, pred)
+                if a is None or b is None or (peer and mine != "wmse"):
                     continue
-                a = find(setting, ours(mine, "compressed-tensors" if conv == "448" else "paper"))
-                b = find(setting, pred)
-                if a is None or b is None:
-                    continue
-                dn = [
-                    hb["nll"] - ha["nll"] for ha, hb in zip(a["halves"], b["halves"], strict=True)
-                ]
-                dk = [
-                    hb["kld_mean"] - ha["kld_mean"]
-                    for ha, hb in zip(a["halves"], b["halves"], strict=True)
-                ]
-
-                def verdict(d):
-                    m, spread = (d[0] + d[1]) / 2, abs(d[0] - d[1]) / 2
-                    if d[0] * d[1] > 0 and abs(m) > spread:
-                        return "better" if m > 0 else "worse"
-                    return "within noise"
-
-                label = LABELS[mine] + (" (448)" if conv == "448" else "")
+                halves = list(zip(a["halves"], b["halves"], strict=True))
+                dn = [hb["nll"] - ha["nll"] for ha, hb in halves]
+                dk = [hb["kld_mean"] - ha["kld_mean"] for ha, hb in halves]
+                label = LABELS[mine] + (" (448)" if conv == ct else "")
                 out.append(
                     f"| {setting} | {label} | {name} | {dn[0]:+.4f} / {dn[1]:+.4f} "
-                    f"| {dk[0]:+.4f} / {dk[1]:+.4f} | ppl {verdict(dn)}, KLD {verdict(dk)} |"
+                    f"| {dk[0]:+.4f} / {dk[1]:+.4f} | ppl {_verdict(dn)}, KLD {_verdict(dk)} |"
                 )
     return out
 
