@@ -20,6 +20,7 @@ weights look like: the fraction of blocks whose MSE scale lies below AbsMax's
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -64,8 +65,9 @@ def mix(base, other, types: tuple[str, ...], name: str):
     return Checkpoint(base.config, tensors, base.meta, base.vectors, name)
 
 
+@functools.lru_cache(maxsize=1)
 def _original_weights(model_dir) -> dict:
-    """The BF16 model's tensors by name."""
+    """The BF16 model's tensors by name (read once per run: several rows need them)."""
     from safetensors.torch import load_file
 
     orig = {}
