@@ -14,39 +14,23 @@ import json
 import math
 import shutil
 import sys
+import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import torch
 import vllm
-from plugin_support import TINY, cpu_engine, reference_model
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from plugin_support import cpu_engine, reference_model, tiny_checkpoint
+from transformers import AutoTokenizer
 
 from scalesweep_vllm.evaluate.metrics import evaluation_tokens, token_nll
-from scalesweep_vllm.quantize import assets, quantize_model
 
 root = Path("/tmp/probe")
-src = root / "tiny-bf16"
-if not (src / "config.json").is_file():
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**TINY)).to(torch.bfloat16).save_pretrained(src)
-    AutoTokenizer.from_pretrained(assets.default_model_dir()).save_pretrained(src)
+root.mkdir(parents=True, exist_ok=True)
 conv = sys.argv[1]
-parts = sys.argv[2]  # which parts stay on: e.g. "a", "kv", "q", "akvq"
-base = root / f"ck-{conv}"
-if not (base / "config.json").is_file():
-    quantize_model(
-        str(src),
-        str(base),
-        scheme="W4A4KV4Q4",
-        objective="wmse",
-        calib=assets.calibration_texts()[:32],
-        num_samples=16,
-        seq_len=64,
-        device="cpu",
-        progress=False,
-        global_scale_convention=conv,
-    )
+parts = sys.argv[2]  # which parts stay on: e.g. "a", "akv", "akvq"
+# the plugin tests' tiny model and checkpoint, kept under root/plugin_ckpts
+base = tiny_checkpoint(types.SimpleNamespace(getbasetemp=lambda: root), "W4A4KV4Q4", conv)
 ck = root / f"ck-{conv}-{parts}"
 shutil.rmtree(ck, ignore_errors=True)
 shutil.copytree(base, ck)

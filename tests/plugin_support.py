@@ -69,11 +69,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return out
 
 
-def tiny_checkpoint(tmp_path_factory, scheme: str) -> Path:
-    """The tiny model quantized by ``scalesweep_vllm.quantize.quantize_model``."""
+def tiny_checkpoint(tmp_path_factory, scheme: str, convention: str | None = None) -> Path:
+    """The tiny model quantized by ``scalesweep_vllm.quantize.quantize_model`` (with
+    ``convention`` as its global scale; None: the quantizer's default)."""
     from scalesweep_vllm.quantize import assets, quantize_model
 
-    out = _root(tmp_path_factory) / f"tiny-{scheme}"
+    kw, name = {}, f"tiny-{scheme}"
+    if convention is not None:
+        kw, name = {"global_scale_convention": convention}, f"{name}-{convention}"
+    out = _root(tmp_path_factory) / name
     if not (out / "config.json").is_file():
         quantize_model(
             str(tiny_model_dir(tmp_path_factory)),
@@ -85,6 +89,7 @@ def tiny_checkpoint(tmp_path_factory, scheme: str) -> Path:
             seq_len=64,
             device="cpu",
             progress=False,
+            **kw,
         )
     return out
 
