@@ -8,12 +8,14 @@ Inductor's C++ backend decides contraction and reduction order itself; a small
 extension with GCC vector types (16 fp32 lanes, one block per lane) does not.
 
 Built once per machine with torch's ``cpp_extension`` (g++ and ninja, no network)
-into ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``); the name
-carries the instruction set it was built for (``-march``), so a shared cache never
-hands an AVX-512 build to a CPU without it. ``scripts/setup.sh`` builds it ahead
-(``python -m scalesweep_vllm.kernels.cpu_backend``). Where it cannot build or load,
-:func:`available` is False, the dispatch uses the reference, and one warning says
-why. ``SCALESWEEP_CPU_BACKEND=0`` turns it off.
+into ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``); one build per
+instruction-set level (generic x86-64, AVX2, AVX-512; :mod:`.cpu_build`), the best
+this CPU runs unless ``SCALESWEEP_CPU_ISA`` says otherwise. ``scripts/setup.sh``
+builds it ahead (``python -m scalesweep_vllm.kernels.cpu_build``). Where it cannot
+build or load, :func:`available` is False, the dispatch uses the reference, and one
+warning says why; where it should have built (:func:`required`: CI, or g++ and ninja
+present) the tests fail with :func:`build_log`. ``SCALESWEEP_CPU_BACKEND=0`` turns it
+off.
 
 Threads: ``at::parallel_for`` over tiles of 16 blocks, so it uses torch's intra-op
 pool and follows ``torch.set_num_threads`` (vLLM's CPU worker sets it per worker).
@@ -28,36 +30,42 @@ every input.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import pathlib
 import warnings
 import weakref
 
 import torch
 
 from .. import nvfp4, sweep
+from . import cpu_build
 
 __all__ = [
     "DISABLE_ENV",
     "available",
     "build",
+    "build_log",
     "dequantize",
     "fake_quantize",
     "load",
+    "isa",
     "quantize",
+    "required",
+    "use",
     "why",
 ]
 
 logger = logging.getLogger(__name__)
 
 DISABLE_ENV = "SCALESWEEP_CPU_BACKEND"
-_SOURCE = pathlib.Path(__file__).with_name("cpu") / "nvfp4_cpu.cpp"
 #: The dispatch's methods, plus "four_over_six" (unweighted) for the evaluation's
 #: peer baseline (:class:`scalesweep_vllm.runtime.Part`).
 _METHOD_IDS = {"absmax": 0, "mse": 1, "wmse": 2, "four_over_six": 3}
 _MODULE = None
 _FAILED: str | None = None
+_LOG = ""
+_ISA: str | None = None
 _FP8_TABLE: torch.Tensor | None = None
 #: Candidate evaluations (per 16-block tile, summed) of the last call, for the benchmark.
 _LAST_TRIPS = [0]
@@ -68,70 +76,86 @@ _CACHE_SIZE = 256
 _NO_WEIGHT = torch.empty(0)
 
 
-def _isa() -> tuple[str, list[str]]:
-    """The instruction-set tag and -march flags for this CPU (x86: AVX-512, AVX2, baseline)."""
-    try:
-        flags = set()
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        flags = set()
-    if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
-        return "avx512", ["-march=skylake-avx512", "-mprefer-vector-width=512"]
-    if {"avx2", "fma"} <= flags:
-        return "avx2", ["-march=haswell"]
-    return "generic", []
+def isa() -> str:
+    """The instruction-set level of the build in use (or that would be used)."""
+    return _ISA or cpu_build.requested_isa()
 
 
-def build(verbose: bool = False):
-    """Compile (or find in the cache) and import the extension module."""
-    from torch.utils import cpp_extension
+def build(isa: str | None = None, verbose: bool = False):
+    """Compile (or find in the cache) and import the extension (:func:`.cpu_build.build`)."""
+    return cpu_build.build(isa, verbose=verbose)
 
-    tag, march = _isa()
-    flags = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-fopenmp", *march]
-    return cpp_extension.load(
-        name=f"scalesweep_nvfp4_cpu_{tag}",
-        sources=[str(_SOURCE)],
-        extra_cflags=flags,
-        extra_ldflags=["-fopenmp"],
-        verbose=verbose,
-    )
+
+def _checked(mod):
+    consts = mod.constants()
+    want = [
+        sweep.LOWER_BOUND_MARGIN,
+        sweep.FLUSH_SCALED,
+        sweep.WEIGHT_FLUSH,
+        float(sweep.UPPER_OFFSET),
+        float(sweep.MSE_STAGE1_OFFSET),
+        float(nvfp4.FP8_MAX_CODE),
+    ]
+    if list(consts) != want:
+        raise RuntimeError(f"compiled constants {list(consts)} differ from sweep.py's {want}")
+    return mod
 
 
 def load():
     """The extension module, or None (with one warning) when it cannot be had."""
-    global _MODULE, _FAILED
+    global _MODULE, _FAILED, _LOG, _ISA
     if _MODULE is not None or _FAILED is not None:
         return _MODULE
     if os.environ.get(DISABLE_ENV, "1") == "0":
         _FAILED = f"{DISABLE_ENV}=0"
         return None
     try:
-        mod = build()
-        consts = mod.constants()
-        want = [
-            sweep.LOWER_BOUND_MARGIN,
-            sweep.FLUSH_SCALED,
-            sweep.WEIGHT_FLUSH,
-            float(sweep.UPPER_OFFSET),
-            float(sweep.MSE_STAGE1_OFFSET),
-            float(nvfp4.FP8_MAX_CODE),
-        ]
-        if list(consts) != want:
-            raise RuntimeError(f"compiled constants {list(consts)} differ from sweep.py's {want}")
-        _MODULE = mod
+        _ISA = cpu_build.requested_isa()
+        _MODULE = _checked(build(_ISA))
     except Exception as err:  # noqa: BLE001 - no compiler, no ninja, a failed build...
-        _FAILED = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err) else ''}"
+        text = str(err).strip()
+        _LOG = text
+        first = text.splitlines()[0] if text else ""
+        _FAILED = f"{type(err).__name__}: {first[:300]}"
         warnings.warn(
             f"scalesweep_vllm: the C++ CPU backend is unavailable ({_FAILED}); CPU tensors use "
             "the torch reference (same results, about 100x slower). Needs g++ and ninja; "
-            "`python -m scalesweep_vllm.kernels.cpu_backend` shows the build log",
+            "`python -m scalesweep_vllm.kernels.cpu_build` shows the build log",
             RuntimeWarning,
             stacklevel=3,
         )
     return _MODULE
+
+
+def build_log(lines: int = 40) -> str:
+    """The last lines of the failed build's output ('' when nothing failed)."""
+    load()
+    return "\n".join(_LOG.splitlines()[-lines:])
+
+
+def required() -> str:
+    """Why this machine must have the backend ('' when its absence is acceptable): CI
+    is set, or g++ and ninja are here (so a failed build is a bug, not a missing tool).
+    The tests fail instead of skipping then."""
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        return ""
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        return "CI is set"
+    return "" if cpu_build.toolchain() else "g++ and ninja are installed"
+
+
+@contextlib.contextmanager
+def use(isa_tag: str):
+    """Run the dispatch on the build for ``isa_tag`` inside the block (tests, benchmarks):
+    builds it if needed; raises where it cannot be had."""
+    global _MODULE, _FAILED, _ISA
+    mod = _checked(build(isa_tag))
+    saved = (_MODULE, _FAILED, _ISA)
+    _MODULE, _FAILED, _ISA = mod, None, isa_tag
+    try:
+        yield mod
+    finally:
+        _MODULE, _FAILED, _ISA = saved
 
 
 def available() -> bool:
@@ -281,8 +305,6 @@ def dequantize(packed, scales, global_scale, dtype):
 
 
 if __name__ == "__main__":  # build ahead (scripts/setup.sh) and show the log
-    import time
+    import runpy
 
-    t = time.perf_counter()
-    m = build(verbose=True)
-    print(f"scalesweep CPU backend ready ({_isa()[0]}, {time.perf_counter() - t:.1f} s): {m}")
+    runpy.run_module("scalesweep_vllm.kernels.cpu_build", run_name="__main__")

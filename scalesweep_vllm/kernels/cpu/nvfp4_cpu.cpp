@@ -32,6 +32,15 @@
 #include <immintrin.h>
 #endif
 
+// GCC 12 for aarch64 gives up register allocation (an internal compiler error,
+// "maximum number of generated reload insns") when the whole tile loop is one
+// function of 64-byte vectors; there the tile's stages are separate calls.
+#if defined(__aarch64__)
+#define OUTLINE __attribute__((noinline))
+#else
+#define OUTLINE inline
+#endif
+
 namespace {
 
 typedef float vf __attribute__((vector_size(64)));
@@ -268,7 +277,7 @@ inline int32_t sweep_range(const vf* A, const vf* Wt, vf g, vi lo, vi hi, vi& be
 // ScaleSweep codes of one tile. Xa: |x| of the 16 blocks, natural layout
 // ([block] = 16 elements); padding blocks are 0.
 template <bool W>
-vi sweep_tile(const vf* Xa, const vf* Wn, const Args& p, int64_t& trips) {
+OUTLINE vi sweep_tile(const vf* Xa, const vf* Wn, const Args& p, int64_t& trips) {
   vf A[BS], Wt[BS];
   const vf g = splat(p.g);
   const vf am = objective_lanes(Xa, g, A);
@@ -309,7 +318,7 @@ vi sweep_tile(const vf* Xa, const vf* Wn, const Args& p, int64_t& trips) {
 // sweep.four_over_six_scales without weights (the evaluation's peer baseline): per
 // block the codes of amax/6 and amax/4 on the sweep's flushed magnitudes, and of
 // the two the larger only where its error is strictly smaller (ties: the smaller).
-vi four_over_six_tile(const vf* Xa, float gs) {
+OUTLINE vi four_over_six_tile(const vf* Xa, float gs) {
   vf A[BS];
   const vf g = splat(gs);
   const vf am = objective_lanes(Xa, g, A);
@@ -350,7 +359,7 @@ inline void store16(c10::Half* p, vf v) {
 // inv = G / max(v, 2^-9) and s = v / G of the block's scale v (computed for a
 // whole tile at once: one vector division each instead of two scalar ones per block).
 template <typename T>
-inline void emit_block(vf xv, float inv, float s, uint8_t* packed, T* out) {
+OUTLINE void emit_block(vf xv, float inv, float s, uint8_t* packed, T* out) {
   const vf r = xv * inv;
   const vi sign = (vi)r & (int32_t)0x80000000;
   const vf q = round_e2m1_mag(vabs(r));
@@ -534,26 +543,6 @@ torch::Tensor nvfp4_dequant_cpu(torch::Tensor packed, torch::Tensor scales, doub
   return out;
 }
 
-// A simple vectorised fp32 loop (the benchmark's peak): 16 independent chains of a
-// multiply and an add per step (enough to hide latency), on one thread. Returns the
-// fp32 lane-operations done.
-double peak_loop(int64_t steps) {
-  constexpr int C = 16;
-  vf acc[C];
-  for (int i = 0; i < C; ++i) acc[i] = splat(1.0f + i * 1e-3f);
-  const vf a = splat(0.999999f), b = splat(1e-7f);
-  for (int64_t s = 0; s < steps; ++s) {
-    for (int i = 0; i < C; ++i) acc[i] = acc[i] * a + b;
-    for (int i = 0; i < C; i += 4)
-      __asm__ volatile("" : "+v"(acc[i]), "+v"(acc[i + 1]), "+v"(acc[i + 2]), "+v"(acc[i + 3]));
-  }
-  float sink = 0.0f;
-  for (int i = 0; i < C; ++i) sink += acc[i][0];
-  volatile float keep = sink;
-  (void)keep;
-  return double(steps) * C * 2 * BS;
-}
-
 std::vector<double> constants() {
   return {MARGIN, FLUSH_SCALED, WEIGHT_FLUSH, double(UPPER_OFFSET), double(STAGE1_OFFSET),
           double(MAX_CODE)};
@@ -563,5 +552,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nvfp4", &nvfp4_cpu, "NVFP4 quantize / fake-quantize (AbsMax, MSE, WMSE, four-over-six)");
   m.def("dequant", &nvfp4_dequant_cpu, "NVFP4 dequantize");
   m.def("constants", &constants, "the reference constants compiled in");
-  m.def("peak_loop", &peak_loop, "simple vectorised fp32 loop, for the benchmark's peak");
 }

@@ -1,0 +1,194 @@
+"""Building the C++ CPU backend (``cpu/nvfp4_cpu.cpp``) for an instruction-set level.
+
+One source, three x86-64 builds, each bit-exact with the reference (the source is
+portable GCC vector code; the only intrinsics are AVX-512 min/max/sqrt, guarded by
+``__AVX512F__``, and they compute what the portable fallbacks do):
+
+| tag | flags | runs on |
+|---|---|---|
+| ``generic`` | ``-march=x86-64`` (SSE2); no ``-march`` off x86 | every x86-64 CPU (and aarch64, etc.) |
+| ``avx2`` | ``-march=x86-64-v3`` (AVX2, FMA, BMI1/2, F16C, LZCNT, MOVBE) | Intel Haswell+, AMD Zen 1+ |
+| ``avx512`` | ``-march=x86-64-v4 -mprefer-vector-width=512`` (+ AVX-512 F/BW/CD/DQ/VL) | Intel Skylake-SP+, AMD Zen 4+ |
+
+The x86 levels are the psABI's microarchitecture levels (GCC 11+), so a build uses
+nothing beyond the features its level names, and the CPU check below is exactly
+those features. ``-ffp-contract=off`` in every build: v3 enables FMA and GCC would
+otherwise fuse ``a * b + c`` (one rounding instead of the reference's two); GCC's
+default on aarch64 fuses too.
+
+The build is picked from the CPU's flags (the best level it runs), or forced with
+``SCALESWEEP_CPU_ISA=generic|avx2|avx512`` (or ``build(isa=...)``); forcing a level the
+CPU cannot run is an error, never an illegal instruction later. The module name
+carries the machine and the tag, so a shared extension cache never hands one CPU
+another's build. :func:`compile_object` compiles the source for any level (or a cross
+compiler's target) without linking or loading it: how the tests prove that the
+levels this CPU cannot run still build.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import sysconfig
+
+__all__ = [
+    "ISAS",
+    "ISA_ENV",
+    "build",
+    "compile_object",
+    "cpu_isas",
+    "flags",
+    "module_name",
+    "requested_isa",
+    "toolchain",
+]
+
+ISA_ENV = "SCALESWEEP_CPU_ISA"
+ISAS = ("generic", "avx2", "avx512")
+SOURCE = pathlib.Path(__file__).with_name("cpu") / "nvfp4_cpu.cpp"
+_COMMON = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-fopenmp", "-Wno-psabi"]
+#: x86 flags each level needs from /proc/cpuinfo (what -march enables and the code uses).
+_NEEDS = {
+    "generic": set(),
+    "avx2": {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"},
+    "avx512": {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"},
+}
+
+
+def _is_x86(machine: str | None = None) -> bool:
+    return (machine or platform.machine()).lower() in ("x86_64", "amd64", "i686", "x86")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_isas(cpu_flags: set[str] | None = None) -> list[str]:
+    """The levels this CPU runs, lowest first (``generic`` always; AVX levels on x86)."""
+    if not _is_x86():
+        return ["generic"]
+    have = _cpu_flags() if cpu_flags is None else cpu_flags
+    out = ["generic"]
+    for tag in ISAS[1:]:  # each level includes the one below
+        if not _NEEDS[tag] <= have:
+            break
+        out.append(tag)
+    return out
+
+
+def requested_isa() -> str:
+    """``$SCALESWEEP_CPU_ISA`` if set (checked against this CPU), else the best level
+    this CPU runs. ValueError names the problem."""
+    runs = cpu_isas()
+    want = os.environ.get(ISA_ENV, "").strip().lower()
+    if not want or want in ("auto", "native"):
+        return runs[-1]
+    if want not in ISAS:
+        raise ValueError(f"{ISA_ENV}={want!r}: choose one of {', '.join(ISAS)} (or auto)")
+    if want not in runs:
+        raise ValueError(
+            f"{ISA_ENV}={want}: this CPU ({platform.machine()}) runs only {', '.join(runs)}"
+        )
+    return want
+
+
+def flags(isa: str, machine: str | None = None) -> list[str]:
+    """Compiler flags of a level (``machine`` defaults to this one)."""
+    if isa not in ISAS:
+        raise ValueError(f"unknown ISA {isa!r}; choose one of {ISAS}")
+    if not _is_x86(machine):
+        if isa != "generic":
+            raise ValueError(f"{isa} is an x86 level; {machine or platform.machine()} has generic only")
+        return list(_COMMON)
+    march = {
+        "generic": ["-march=x86-64", "-mtune=generic"],
+        "avx2": ["-march=x86-64-v3"],
+        "avx512": ["-march=x86-64-v4", "-mprefer-vector-width=512"],
+    }[isa]
+    return [*_COMMON, *march]
+
+
+def module_name(isa: str) -> str:
+    return f"scalesweep_nvfp4_cpu_{platform.machine().lower()}_{isa}"
+
+
+def toolchain() -> str:
+    """What is missing to build here ('' when g++ and ninja are both found)."""
+    from torch.utils import cpp_extension
+
+    missing = []
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None and shutil.which("g++") is None:
+        missing.append("a C++ compiler (g++)")
+    if not cpp_extension.is_ninja_available():
+        missing.append("ninja")
+    return " and ".join(missing)
+
+
+def build(isa: str | None = None, verbose: bool = False):
+    """Compile (or find in torch's extension cache) and import the extension for
+    ``isa`` (default :func:`requested_isa`). Raises on a level this CPU cannot run, and
+    with the compiler's output when the build fails."""
+    from torch.utils import cpp_extension
+
+    isa = isa or requested_isa()
+    if isa not in cpu_isas():
+        raise ValueError(f"this CPU cannot run the {isa} build (it runs {', '.join(cpu_isas())})")
+    return cpp_extension.load(
+        name=module_name(isa),
+        sources=[str(SOURCE)],
+        extra_cflags=flags(isa),
+        extra_ldflags=["-fopenmp"],
+        verbose=verbose,
+    )
+
+
+def compile_object(isa: str, out: pathlib.Path, cxx: str = "g++", machine: str | None = None):
+    """Compile the source to an object file for ``isa`` with ``cxx`` (a cross compiler
+    such as ``aarch64-linux-gnu-g++`` with ``machine="aarch64"``), without linking or
+    loading it. Returns the ``CompletedProcess`` (check ``returncode``, ``stderr``)."""
+    from torch.utils import cpp_extension
+
+    includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
+    cmd = [
+        cxx,
+        "-std=c++20",
+        "-fPIC",
+        "-c",
+        str(SOURCE),
+        "-o",
+        str(out),
+        "-DTORCH_EXTENSION_NAME=" + module_name(isa),
+        "-DTORCH_API_INCLUDE_EXTENSION_H",
+        *flags(isa, machine),
+        *(f"-I{p}" for p in includes),
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, check=False)
+
+
+if __name__ == "__main__":  # python -m scalesweep_vllm.kernels.cpu_build [--all]
+    import argparse
+    import sys
+    import time
+
+    p = argparse.ArgumentParser(description="Build the C++ CPU backend ahead (scripts/setup.sh).")
+    p.add_argument("--isa", choices=ISAS, help=f"one level (default: ${ISA_ENV} or the best)")
+    p.add_argument("--all", action="store_true", help="every level this CPU runs")
+    a = p.parse_args()
+    for tag in cpu_isas() if a.all else [a.isa or requested_isa()]:
+        t = time.perf_counter()
+        try:
+            m = build(tag, verbose=True)
+        except Exception as err:  # noqa: BLE001 - report and fail with the log
+            print(f"scalesweep CPU backend ({tag}) did not build: {err}", file=sys.stderr)
+            sys.exit(1)
+        print(f"scalesweep CPU backend ready ({tag}, {time.perf_counter() - t:.1f} s): {m.__file__}")
