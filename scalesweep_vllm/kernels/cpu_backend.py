@@ -39,7 +39,6 @@ import weakref
 import torch
 
 from .. import nvfp4, sweep
-from . import cpu_build
 
 __all__ = [
     "DISABLE_ENV",
@@ -76,14 +75,22 @@ _CACHE_SIZE = 256
 _NO_WEIGHT = torch.empty(0)
 
 
+def _build_mod():
+    # imported on use, so that ``python -m scalesweep_vllm.kernels.cpu_build`` does not
+    # find its module already imported through this package
+    from . import cpu_build
+
+    return cpu_build
+
+
 def isa() -> str:
     """The instruction-set level of the build in use (or that would be used)."""
-    return _ISA or cpu_build.requested_isa()
+    return _ISA or _build_mod().requested_isa()
 
 
 def build(isa: str | None = None, verbose: bool = False):
     """Compile (or find in the cache) and import the extension (:func:`.cpu_build.build`)."""
-    return cpu_build.build(isa, verbose=verbose)
+    return _build_mod().build(isa, verbose=verbose)
 
 
 def _checked(mod):
@@ -110,7 +117,7 @@ def load():
         _FAILED = f"{DISABLE_ENV}=0"
         return None
     try:
-        _ISA = cpu_build.requested_isa()
+        _ISA = _build_mod().requested_isa()
         _MODULE = _checked(build(_ISA))
     except Exception as err:  # noqa: BLE001 - no compiler, no ninja, a failed build...
         text = str(err).strip()
@@ -141,7 +148,7 @@ def required() -> str:
         return ""
     if os.environ.get("CI", "").lower() not in ("", "0", "false"):
         return "CI is set"
-    return "" if cpu_build.toolchain() else "g++ and ninja are installed"
+    return "" if _build_mod().toolchain() else "g++ and ninja are installed"
 
 
 @contextlib.contextmanager
@@ -302,9 +309,3 @@ def dequantize(packed, scales, global_scale, dtype):
     s2 = scales.reshape(-1, scales.shape[-1]).contiguous().view(torch.uint8)
     out = mod.dequant(p2, s2, float(g.reshape(())), dtype, _FP8_TABLE)
     return out.reshape(tuple(packed.shape[:-1]) + (k2 * 2,))
-
-
-if __name__ == "__main__":  # build ahead (scripts/setup.sh) and show the log
-    import runpy
-
-    runpy.run_module("scalesweep_vllm.kernels.cpu_build", run_name="__main__")
