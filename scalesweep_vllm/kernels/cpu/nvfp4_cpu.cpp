@@ -27,6 +27,8 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
+#include <utility>
 #include <vector>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -43,15 +45,100 @@
 
 namespace {
 
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
+// Sixteen lanes (one NVFP4 block, or one lane per block of a tile) held as PIECES
+// native vectors of NB bytes. Why not GCC's 64-byte vector types directly: where the
+// hardware's vectors are narrower (AVX2, SSE2, NEON), GCC 12 lowers their comparisons,
+// selects and shuffles lane by lane in scalar code and moves them through the stack
+// (seen on AVX2: AbsMax at 2% of a copy's bandwidth). Every operation below is the
+// native one applied piece by piece; with AVX-512 there is one piece.
+#if defined(__AVX512F__)
+constexpr int NB = 64;
+#elif defined(__AVX__)
+constexpr int NB = 32;
+#else
+constexpr int NB = 16;  // SSE2, NEON
+#endif
+constexpr int PIECES = 64 / NB;
+constexpr int NL = NB / 4;  // lanes per piece
+typedef float nf __attribute__((vector_size(NB)));
+typedef int32_t ni __attribute__((vector_size(NB)));
+typedef uint32_t nu __attribute__((vector_size(NB)));
+typedef uint16_t nh __attribute__((vector_size(NB / 2)));
+
+template <typename E, typename N>
+struct Vec {
+  N p[PIECES];
+  E operator[](int j) const { return p[j / NL][j % NL]; }
+};
+using vf = Vec<float, nf>;
+using vi = Vec<int32_t, ni>;
+using vu = Vec<uint32_t, nu>;
+template <typename E>
+using Scalar = std::type_identity_t<E>;
+
+#define SCALESWEEP_BINARY(op)                                                    \
+  template <typename E, typename N>                                              \
+  inline Vec<E, N> operator op(const Vec<E, N>& a, const Vec<E, N>& b) {          \
+    Vec<E, N> r;                                                                 \
+    for (int k = 0; k < PIECES; ++k) r.p[k] = a.p[k] op b.p[k];                  \
+    return r;                                                                    \
+  }                                                                              \
+  template <typename E, typename N>                                              \
+  inline Vec<E, N> operator op(const Vec<E, N>& a, Scalar<E> s) {                 \
+    Vec<E, N> r;                                                                 \
+    for (int k = 0; k < PIECES; ++k) r.p[k] = a.p[k] op s;                       \
+    return r;                                                                    \
+  }                                                                              \
+  template <typename E, typename N>                                              \
+  inline Vec<E, N> operator op(Scalar<E> s, const Vec<E, N>& a) {                 \
+    Vec<E, N> r;                                                                 \
+    for (int k = 0; k < PIECES; ++k) r.p[k] = s op a.p[k];                       \
+    return r;                                                                    \
+  }                                                                              \
+  template <typename E, typename N, typename B>                                  \
+  inline Vec<E, N>& operator op##=(Vec<E, N>& a, const B& b) { return a = a op b; }
+SCALESWEEP_BINARY(+)
+SCALESWEEP_BINARY(-)
+SCALESWEEP_BINARY(*)
+SCALESWEEP_BINARY(/)
+SCALESWEEP_BINARY(&)
+SCALESWEEP_BINARY(|)
+SCALESWEEP_BINARY(<<)
+SCALESWEEP_BINARY(>>)
+#undef SCALESWEEP_BINARY
+template <typename E, typename N>
+inline Vec<E, N> operator-(const Vec<E, N>& a) {
+  Vec<E, N> r;
+  for (int k = 0; k < PIECES; ++k) r.p[k] = -a.p[k];
+  return r;
+}
+
+// Bit casts and value conversions, piece by piece (a whole-struct memcpy would go
+// through the stack in halves and stall store forwarding).
+template <typename To, typename E, typename N>
+inline To bitcast(const Vec<E, N>& a) {
+  To r;
+  for (int k = 0; k < PIECES; ++k) r.p[k] = (std::remove_reference_t<decltype(r.p[0])>)a.p[k];
+  return r;
+}
+inline vf as_f(const vi& a) { return bitcast<vf>(a); }
+inline vi as_i(const vf& a) { return bitcast<vi>(a); }
+inline vf to_f(const vi& a) {
+  vf r;
+  for (int k = 0; k < PIECES; ++k) r.p[k] = __builtin_convertvector(a.p[k], nf);
+  return r;
+}
+inline vi to_i(const vf& a) {  // truncation, as C's cast
+  vi r;
+  for (int k = 0; k < PIECES; ++k) r.p[k] = __builtin_convertvector(a.p[k], ni);
+  return r;
+}
 
 constexpr int BS = 16;        // NVFP4 block size = lanes per vector = blocks per tile
 constexpr int MAX_CODE = 126; // largest finite positive FP8 E4M3 code
 constexpr float FP8_MAX = 448.0f;
 constexpr float FP4_MAX = 6.0f;
+static_assert(PIECES * NL == BS);
 // sweep.py constants (see its module docstring); the launcher checks they match.
 constexpr float MARGIN = 0x1p-8f;         // LOWER_BOUND_MARGIN
 constexpr float FLUSH_SCALED = 0x1p-12f;  // FLUSH_SCALED
@@ -59,20 +146,55 @@ constexpr float WEIGHT_FLUSH = 0x1p-40f;  // WEIGHT_FLUSH
 constexpr int UPPER_OFFSET = 7;           // UPPER_OFFSET
 constexpr int STAGE1_OFFSET = 3;          // MSE_STAGE1_OFFSET
 
-inline vf splat(float s) { return vf{} + s; }
-inline vi splati(int32_t s) { return vi{} + s; }
-// a < b ? a : b and a > b ? a : b, which is what x86's min/max instructions compute
-// (GCC does not always see it through vector conditionals).
+inline vf splat(float s) {
+  vf r;
+  for (int k = 0; k < PIECES; ++k) r.p[k] = nf{} + s;
+  return r;
+}
+inline vi splati(int32_t s) {
+  vi r;
+  for (int k = 0; k < PIECES; ++k) r.p[k] = ni{} + s;
+  return r;
+}
+
+// Lane masks (-1 true, 0 false), as vector comparisons give them.
+#define SCALESWEEP_CMP(name, op)                                                   \
+  template <typename E, typename N>                                                \
+  inline vi name(const Vec<E, N>& a, const Vec<E, N>& b) {                         \
+    vi r;                                                                          \
+    for (int k = 0; k < PIECES; ++k) r.p[k] = (ni)(a.p[k] op b.p[k]);             \
+    return r;                                                                      \
+  }                                                                                \
+  template <typename E, typename N>                                                \
+  inline vi name(const Vec<E, N>& a, Scalar<E> s) {                                \
+    vi r;                                                                          \
+    for (int k = 0; k < PIECES; ++k) r.p[k] = (ni)(a.p[k] op s);                  \
+    return r;                                                                      \
+  }
+SCALESWEEP_CMP(lt, <)
+SCALESWEEP_CMP(le, <=)
+SCALESWEEP_CMP(gt, >)
+SCALESWEEP_CMP(ge, >=)
+SCALESWEEP_CMP(eq, ==)
+#undef SCALESWEEP_CMP
+// m ? a : b per lane (m a lane mask).
+template <typename E, typename N>
+inline Vec<E, N> sel(const vi& m, const Vec<E, N>& a, const Vec<E, N>& b) {
+  Vec<E, N> r;
+  for (int k = 0; k < PIECES; ++k) r.p[k] = m.p[k] ? a.p[k] : b.p[k];
+  return r;
+}
+// a < b ? a : b and a > b ? a : b, which is what x86's min/max instructions compute.
 #if defined(__AVX512F__)
-inline vf vmin(vf a, vf b) { return (vf)_mm512_min_ps((__m512)a, (__m512)b); }
-inline vf vmax(vf a, vf b) { return (vf)_mm512_max_ps((__m512)a, (__m512)b); }
+inline vf vmin(vf a, vf b) { return vf{{(nf)_mm512_min_ps((__m512)a.p[0], (__m512)b.p[0])}}; }
+inline vf vmax(vf a, vf b) { return vf{{(nf)_mm512_max_ps((__m512)a.p[0], (__m512)b.p[0])}}; }
 #else
-inline vf vmin(vf a, vf b) { return a < b ? a : b; }
-inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+inline vf vmin(vf a, vf b) { return sel(lt(a, b), a, b); }
+inline vf vmax(vf a, vf b) { return sel(gt(a, b), a, b); }
 #endif
-inline vi vmini(vi a, vi b) { return a < b ? a : b; }
-inline vi vmaxi(vi a, vi b) { return a > b ? a : b; }
-inline vf vabs(vf a) { return (vf)((vi)a & 0x7FFFFFFF); }
+inline vi vmini(vi a, vi b) { return sel(lt(a, b), a, b); }
+inline vi vmaxi(vi a, vi b) { return sel(gt(a, b), a, b); }
+inline vf vabs(vf a) { return as_f(as_i(a) & 0x7FFFFFFF); }
 inline int32_t hmax(vi a) {
   int32_t m = a[0];
   for (int j = 1; j < BS; ++j) m = a[j] > m ? a[j] : m;
@@ -81,10 +203,11 @@ inline int32_t hmax(vi a) {
 
 inline vf vsqrt(vf a) {
 #if defined(__AVX512F__)
-  return (vf)_mm512_sqrt_ps((__m512)a);
+  return vf{{(nf)_mm512_sqrt_ps((__m512)a.p[0])}};
 #else
   vf r;
-  for (int j = 0; j < BS; ++j) r[j] = std::sqrt(a[j]);
+  for (int k = 0; k < PIECES; ++k)  // GCC emits the native sqrtps for this loop
+    for (int j = 0; j < NL; ++j) r.p[k][j] = std::sqrt(a.p[k][j]);
   return r;
 #endif
 }
@@ -100,7 +223,7 @@ inline float float_of(int32_t i) { float f; std::memcpy(&f, &i, 4); return f; }
 // reference. M comes from r's exponent bits: max(bits & exponent, bits(1.0)) +
 // 22 in the exponent field.
 inline vf round_e2m1_mag(vf r) {
-  vf m = (vf)(vmaxi((vi)r & 0x7F800000, splati(0x3F800000)) + (22 << 23));
+  vf m = as_f(vmaxi(as_i(r) & 0x7F800000, splati(0x3F800000)) + (22 << 23));
   return vmin((r + m) - m, splat(FP4_MAX));
 }
 
@@ -109,40 +232,40 @@ inline float fp8_value(int32_t c) {
   return c < 8 ? float(c) * 0x1p-9f : float_of((((c >> 3) + 120) << 23) | ((c & 7) << 20));
 }
 inline vf fp8_value_v(vi c) {
-  vf sub = __builtin_convertvector(c, vf) * 0x1p-9f;
+  vf sub = to_f(c) * 0x1p-9f;
   vi nb = (((c >> 3) + 120) << 23) | ((c & 7) << 20);
-  return c < 8 ? sub : (vf)nb;
+  return sel(lt(c, 8), sub, as_f(nb));
 }
 
 // nvfp4._fp8_floor_code on 16 lanes, for finite t >= 0: floor code, sign of
 // (t - midpoint to the next code), whether t is the code's value.
 inline vi fp8_floor_v(vf t, vi& rest_sign, vi& exact) {
-  vi b = (vi)t;
+  vi b = as_i(t);
   vi ncode = (((b >> 23) - 120) << 3) + ((b & 0x7FFFFF) >> 20);
   vi rest = b & 0xFFFFF;
-  vi nsign = rest > 0x80000 ? splati(1) : (rest < 0x80000 ? splati(-1) : splati(0));
+  vi nsign = sel(gt(rest, 0x80000), splati(1), sel(lt(rest, 0x80000), splati(-1), splati(0)));
   vf ts = t * 512.0f;                        // subnormal range: ts < 8
   vf rn = (ts + 0x1p23f) - 0x1p23f;          // rne(ts)
-  vf fl = rn > ts ? rn - 1.0f : rn;          // floor(ts)
+  vf fl = sel(gt(rn, ts), rn - 1.0f, rn);    // floor(ts)
   vf fr = ts - fl;
-  vi ssign = fr > 0.5f ? splati(1) : (fr < 0.5f ? splati(-1) : splati(0));
-  vi normal = t >= 0x1p-6f;
-  rest_sign = normal ? nsign : ssign;
-  exact = normal ? (rest == 0) : (fr == 0.0f);
-  return normal ? ncode : __builtin_convertvector(fl, vi);
+  vi ssign = sel(gt(fr, 0.5f), splati(1), sel(lt(fr, 0.5f), splati(-1), splati(0)));
+  vi normal = ge(t, 0x1p-6f);
+  rest_sign = sel(normal, nsign, ssign);
+  exact = sel(normal, eq(rest, 0), eq(fr, 0.0f));
+  return sel(normal, ncode, to_i(fl));
 }
 inline vf clamp448(vf t) { return vmin(vmax(t, splat(0.0f)), splat(FP8_MAX)); }
 inline vi fp8_rne_code_v(vf t) {
   vi rs, ex;
   vi code = fp8_floor_v(clamp448(t), rs, ex);
-  vi up = (rs > 0) | ((rs == 0) & ((code & 1) == 1));
+  vi up = gt(rs, 0) | (eq(rs, 0) & eq(code & 1, 1));
   code = code - up;  // up is -1 where true
   return vmaxi(vmini(code, splati(MAX_CODE)), splati(0));
 }
 inline vi fp8_ceil_code_v(vf t) {
   vi rs, ex;
   vi code = fp8_floor_v(clamp448(t), rs, ex);
-  code = code + (ex == 0 ? splati(1) : splati(0));
+  code = code - eq(ex, 0);  // + 1 where not exact
   return vmaxi(vmini(code, splati(MAX_CODE)), splati(1));
 }
 
@@ -184,36 +307,42 @@ inline vi clip_lo_v(const vf* A, const vf* Wt, vf g, vf e_ref) {
     clip = splat(-std::numeric_limits<float>::infinity());
     for (int i = 0; i < BS; ++i) {
       vf c = A[i] * g - vsqrt(e_ref / Wt[i]);
-      clip = vmax(clip, Wt[i] > 0.0f ? c : splat(-std::numeric_limits<float>::infinity()));
+      clip = vmax(clip, sel(gt(Wt[i], 0.0f), c, splat(-std::numeric_limits<float>::infinity())));
     }
   }
   vf t = (clip / FP4_MAX) * (1.0f - MARGIN);
-  return t > 0.0f ? fp8_ceil_code_v(vmax(t, splat(0.0f))) : splati(1);
+  return sel(gt(t, 0.0f), fp8_ceil_code_v(vmax(t, splat(0.0f))), splati(1));
 }
 
 // The 16 x 16 transpose (M[i][l] -> M[l][i]) by four butterfly stages: at distance
-// d, rows i and i + d swap their off-diagonal d x d blocks.
+// d, rows i and i + d swap their off-diagonal d x d blocks: lane l of row i (l & d)
+// takes lane l - d of row i + d, which takes lane l + d of row i. A distance of a
+// whole piece or more moves pieces; a smaller one is a native shuffle in each piece.
+template <int D, size_t... L>
+constexpr ni shuffle_mask(std::index_sequence<L...>, bool upper) {
+  return ni{(upper ? ((L & D) ? NL + int(L) : int(L) + D) : ((L & D) ? NL + int(L) - D : int(L)))...};
+}
 template <int D>
 inline void transpose_stage(vf* M) {
-  constexpr vi lo = {
-      (0 & D) ? 16 + 0 - D : 0, (1 & D) ? 16 + 1 - D : 1, (2 & D) ? 16 + 2 - D : 2,
-      (3 & D) ? 16 + 3 - D : 3, (4 & D) ? 16 + 4 - D : 4, (5 & D) ? 16 + 5 - D : 5,
-      (6 & D) ? 16 + 6 - D : 6, (7 & D) ? 16 + 7 - D : 7, (8 & D) ? 16 + 8 - D : 8,
-      (9 & D) ? 16 + 9 - D : 9, (10 & D) ? 16 + 10 - D : 10, (11 & D) ? 16 + 11 - D : 11,
-      (12 & D) ? 16 + 12 - D : 12, (13 & D) ? 16 + 13 - D : 13, (14 & D) ? 16 + 14 - D : 14,
-      (15 & D) ? 16 + 15 - D : 15};
-  constexpr vi hi = {
-      (0 & D) ? 16 + 0 : 0 + D, (1 & D) ? 16 + 1 : 1 + D, (2 & D) ? 16 + 2 : 2 + D,
-      (3 & D) ? 16 + 3 : 3 + D, (4 & D) ? 16 + 4 : 4 + D, (5 & D) ? 16 + 5 : 5 + D,
-      (6 & D) ? 16 + 6 : 6 + D, (7 & D) ? 16 + 7 : 7 + D, (8 & D) ? 16 + 8 : 8 + D,
-      (9 & D) ? 16 + 9 : 9 + D, (10 & D) ? 16 + 10 : 10 + D, (11 & D) ? 16 + 11 : 11 + D,
-      (12 & D) ? 16 + 12 : 12 + D, (13 & D) ? 16 + 13 : 13 + D, (14 & D) ? 16 + 14 : 14 + D,
-      (15 & D) ? 16 + 15 : 15 + D};
   for (int i = 0; i < BS; ++i) {
     if (i & D) continue;
-    vf a = M[i], b = M[i + D];
-    M[i] = __builtin_shuffle(a, b, lo);
-    M[i + D] = __builtin_shuffle(a, b, hi);
+    if constexpr (D >= NL) {
+      constexpr int PD = D / NL;  // the distance in pieces
+      for (int k = 0; k < PIECES; ++k) {
+        if (!(k & PD)) continue;
+        const nf a = M[i].p[k];
+        M[i].p[k] = M[i + D].p[k - PD];
+        M[i + D].p[k - PD] = a;
+      }
+    } else {
+      constexpr ni lo = shuffle_mask<D>(std::make_index_sequence<NL>{}, false);
+      constexpr ni hi = shuffle_mask<D>(std::make_index_sequence<NL>{}, true);
+      for (int k = 0; k < PIECES; ++k) {
+        const nf a = M[i].p[k], b = M[i + D].p[k];
+        M[i].p[k] = __builtin_shuffle(a, b, lo);
+        M[i + D].p[k] = __builtin_shuffle(a, b, hi);
+      }
+    }
   }
 }
 inline void transpose16(vf* M) {
@@ -227,13 +356,13 @@ inline void transpose16(vf* M) {
 inline void normalize_weights_v(vf* Wt) {
   vf wmax = Wt[0];
   for (int i = 1; i < BS; ++i) wmax = vmax(wmax, Wt[i]);
-  vf pre = wmax < 0x1p-64f ? splat(0x1p64f) : (wmax >= 0x1p64f ? splat(0x1p-64f) : splat(1.0f));
+  vf pre = sel(lt(wmax, 0x1p-64f), splat(0x1p64f), sel(ge(wmax, 0x1p64f), splat(0x1p-64f), splat(1.0f)));
   vf m1 = wmax * pre;
-  vi e = (((vi)m1 >> 23) & 0xFF) - 127;
-  vf inv = (vf)((127 - e) << 23);
+  vi e = ((as_i(m1) >> 23) & 0xFF) - 127;
+  vf inv = as_f((127 - e) << 23);
   for (int i = 0; i < BS; ++i) {
     vf wn = (Wt[i] * pre) * inv;
-    Wt[i] = wn < WEIGHT_FLUSH ? splat(0.0f) : wn;
+    Wt[i] = sel(lt(wn, WEIGHT_FLUSH), splat(0.0f), wn);
   }
 }
 
@@ -251,7 +380,7 @@ struct Args {
 inline vf objective_lanes(const vf* Xa, vf g, vf* A) {
   for (int j = 0; j < BS; ++j) A[j] = Xa[j];
   transpose16(A);
-  for (int i = 0; i < BS; ++i) A[i] = A[i] * g < FLUSH_SCALED ? splat(0.0f) : A[i];
+  for (int i = 0; i < BS; ++i) A[i] = sel(lt(A[i] * g, FLUSH_SCALED), splat(0.0f), A[i]);
   vf am = A[0];
   for (int i = 1; i < BS; ++i) am = vmax(am, A[i]);
   return am;
@@ -264,12 +393,12 @@ inline int32_t sweep_range(const vf* A, const vf* Wt, vf g, vi lo, vi hi, vi& be
   const int32_t span = hmax(hi - lo) + 1;
   for (int32_t k = 0; k < span; ++k) {
     vi code = lo + k;
-    vi valid = code <= hi;
-    code = valid ? code : lo;
+    vi valid = le(code, hi);
+    code = sel(valid, code, lo);
     vf err = cand_err<W>(A, Wt, g, code);
-    vi better = valid & (err < best_err);
-    best_err = better ? err : best_err;
-    best = better ? code : best;
+    vi better = valid & lt(err, best_err);
+    best_err = sel(better, err, best_err);
+    best = sel(better, code, best);
   }
   return span;
 }
@@ -288,11 +417,11 @@ OUTLINE vi sweep_tile(const vf* Xa, const vf* Wn, const Args& p, int64_t& trips)
   }
   // sweep._stage1_blocks: c0, the upper bound, the first window
   const vi c0 = absmax_code_v(am, g);
-  vi hi = c0 >= 8 ? vmini(c0 + UPPER_OFFSET, splati(MAX_CODE)) : splati(15);
+  vi hi = sel(ge(c0, 8), vmini(c0 + UPPER_OFFSET, splati(MAX_CODE)), splati(15));
   const vf t_hi = ((am * g) / 3.5f) * (1.0f + MARGIN);
   const vi hd = vmaxi(fp8_ceil_code_v(t_hi) - 1, splati(15));
-  hi = t_hi <= FP8_MAX ? vmini(hi, hd) : hi;
-  hi = am == 0.0f ? splati(1) : hi;  // every error is 0: the smallest code, 1, wins
+  hi = sel(le(t_hi, FP8_MAX), vmini(hi, hd), hi);
+  hi = sel(eq(am, 0.0f), splati(1), hi);  // every error is 0: the smallest code, 1, wins
   // Stage 1 from c0 - 3 (the reference starts at max(min(clip(E(c0)), c0), c0 - 3),
   // a subset: evaluating E(c0) and its bound costs about what the extra codes do).
   const vi lo1 = vmaxi(c0 - STAGE1_OFFSET, splati(1));
@@ -309,8 +438,8 @@ OUTLINE vi sweep_tile(const vf* Xa, const vf* Wn, const Args& p, int64_t& trips)
     vi best2 = lo2;
     vf err2 = splat(std::numeric_limits<float>::infinity());
     trips += sweep_range<W>(A, Wt, g, lo2, lo1 - 1, best2, err2);
-    const vi take = (lo2 < lo1) & (err2 <= err);
-    best = take ? best2 : best;
+    const vi take = lt(lo2, lo1) & le(err2, err);
+    best = sel(take, best2, best);
   }
   return best;
 }
@@ -324,34 +453,48 @@ OUTLINE vi four_over_six_tile(const vf* Xa, float gs) {
   const vf am = objective_lanes(Xa, g, A);
   const vi c6 = absmax_code_v(am, g, FP4_MAX), c4 = absmax_code_v(am, g, 4.0f);
   const vf e6 = cand_err<false>(A, nullptr, g, c6), e4 = cand_err<false>(A, nullptr, g, c4);
-  const vi six_lo = c6 <= c4;
+  const vi six_lo = le(c6, c4);
   const vi lo = vmini(c6, c4), hi = vmaxi(c6, c4);
-  const vf e_lo = six_lo ? e6 : e4, e_hi = six_lo ? e4 : e6;
-  return e_hi < e_lo ? hi : lo;
+  const vf e_lo = sel(six_lo, e6, e4), e_hi = sel(six_lo, e4, e6);
+  return sel(lt(e_hi, e_lo), hi, lo);
 }
 
 // Row of 16 values of x (natural layout) as fp32.
-inline vf load16(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
-inline vf load16(const c10::BFloat16* p) {
-  vh h;
-  std::memcpy(&h, p, sizeof h);
-  return (vf)(__builtin_convertvector(h, vu) << 16);
-}
-inline vf load16(const c10::Half* p) {
+inline vf load16(const float* p) {
   vf v;
-  for (int i = 0; i < BS; ++i) v[i] = static_cast<float>(p[i]);
+  for (int k = 0; k < PIECES; ++k) std::memcpy(&v.p[k], p + k * NL, NB);
   return v;
 }
+inline vf load16(const c10::BFloat16* p) {
+  vf v;
+  for (int k = 0; k < PIECES; ++k) {
+    nh h;
+    std::memcpy(&h, p + k * NL, sizeof h);
+    v.p[k] = (nf)(__builtin_convertvector(h, nu) << 16);
+  }
+  return v;
+}
+inline vf load16(const c10::Half* p) {
+  float f[BS];
+  for (int i = 0; i < BS; ++i) f[i] = static_cast<float>(p[i]);
+  return load16(f);
+}
 // fp32 -> dtype, rounding to nearest even as torch's .to(dtype) (finite values).
-inline void store16(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline void store16(float* p, vf v) {
+  for (int k = 0; k < PIECES; ++k) std::memcpy(p + k * NL, &v.p[k], NB);
+}
 inline void store16(c10::BFloat16* p, vf v) {
-  vu u = (vu)v;
-  vu r = (u + (((u >> 16) & 1) + 0x7FFF)) >> 16;
-  vh h = __builtin_convertvector(r, vh);
-  std::memcpy(p, &h, sizeof h);
+  for (int k = 0; k < PIECES; ++k) {
+    const nu u = (nu)v.p[k];
+    const nu r = (u + (((u >> 16) & 1) + 0x7FFF)) >> 16;
+    const nh h = __builtin_convertvector(r, nh);
+    std::memcpy(p + k * NL, &h, sizeof h);
+  }
 }
 inline void store16(c10::Half* p, vf v) {
-  for (int i = 0; i < BS; ++i) p[i] = static_cast<c10::Half>(v[i]);
+  float f[BS];
+  store16(f, v);
+  for (int i = 0; i < BS; ++i) p[i] = static_cast<c10::Half>(f[i]);
 }
 
 // Encode (and decode) one block with code c: q = round_e2m1(x * (G / v)); the
@@ -361,15 +504,15 @@ inline void store16(c10::Half* p, vf v) {
 template <typename T>
 OUTLINE void emit_block(vf xv, float inv, float s, uint8_t* packed, T* out) {
   const vf r = xv * inv;
-  const vi sign = (vi)r & (int32_t)0x80000000;
+  const vi sign = as_i(r) & int32_t(0x80000000);
   const vf q = round_e2m1_mag(vabs(r));
   if (out) {
-    store16(out, (vf)((vi)(q * s) | sign));
+    store16(out, as_f(as_i(q * s) | sign));
     return;
   }
-  vi idx = -((q >= 0.5f) + (q >= 1.0f) + (q >= 1.5f) + (q >= 2.0f) + (q >= 3.0f) +
-             (q >= 4.0f) + (q >= 6.0f));
-  idx = idx | ((vi)((vu)sign >> 28));
+  vi idx = -(ge(q, 0.5f) + ge(q, 1.0f) + ge(q, 1.5f) + ge(q, 2.0f) + ge(q, 3.0f) +
+             ge(q, 4.0f) + ge(q, 6.0f));
+  idx = idx | bitcast<vi>(bitcast<vu>(sign) >> 28);
   for (int i = 0; i < BS / 2; ++i) packed[i] = uint8_t(idx[2 * i] | (idx[2 * i + 1] << 4));
 }
 
@@ -395,7 +538,7 @@ void run(const T* x, const Args& p, uint8_t* packed, uint8_t* scales, T* out, fl
         if (j < n) {
           X[j] = load16(x + (b0 + j) * BS);
           Xa[j] = vabs(X[j]);
-          const vi finite = Xa[j] <= std::numeric_limits<float>::max();
+          const vi finite = le(Xa[j], std::numeric_limits<float>::max());
           nb += finite + 1;  // -1 + 1 where finite
           am = vmax(am, Xa[j]);
         } else {
