@@ -1,7 +1,12 @@
-"""Runtime NVFP4 fake-quantization on the CPU: the C++ backend against the torch
-reference, against AbsMax on the same backend, and against the bf16 matmul that
-consumes the same activation. Times are the fastest of repeated calls in one process
-(on a shared machine other jobs only add time); ratios are what to compare.
+"""Runtime NVFP4 fake-quantization on the CPU: the C++ backend, at every
+instruction-set level this CPU runs (generic x86-64, AVX2, AVX-512), against the torch
+reference, against AbsMax on the same backend, against a copy of the same tensor, and
+against the GEMM that a CPU engine runs for the consuming Linear: bf16 where the CPU
+has bf16 units (AVX512_BF16 or AMX), fp32 otherwise (on a CPU without them torch's
+bf16 GEMM is emulated and ~30x slower than fp32: a ratio to it means nothing); the
+activations are in that GEMM's dtype, as the engine would run. Times are the fastest
+of repeated calls in one process (on a shared machine other jobs only add time);
+ratios are what to compare.
 
 Shapes are the default model's (SmolLM2-135M) runtime inputs: Linear inputs
 [T, 576] (consumed by qkv_proj, 576 x 960) and [T, 1536] (down_proj, 1536 x 576),
@@ -9,13 +14,13 @@ per-head Q [T, 9, 64] and K/V [T, 3, 64] (per-head WMSE weights, as the plugin
 passes them), for T = 1, 16, 512, 4096. The reference is timed up to 1M elements (it takes
 seconds beyond).
 
-Vector peak: a simple vectorised fp32 loop (8 independent multiply-add chains in the
-same extension, one thread) gives the lane-operations per second one core sustains;
+Vector peak: a simple vectorised fp32 loop (``benchmarks/cpu/peak.cpp``, built with
+the level's flags, one thread) gives the lane-operations per second one core sustains;
 the sweep's work is its candidate evaluations (counted by the kernel) times 256
 elements per 16-block tile times the operations per element and candidate of the
 compiled inner loop (``OPS_PER_EVAL``, read off the disassembly).
 
-    python benchmarks/bench_cpu_quant.py [--threads N] [--check] [--quick]
+    python benchmarks/bench_cpu_quant.py [--isa generic avx2 avx512] [--threads N] [--check] [--quick]
 
 Prints the environment first, then the table; writes JSON to ``${OUT:-benchmarks/out}``.
 """
@@ -34,7 +39,7 @@ from pathlib import Path
 import torch
 
 from scalesweep_vllm import nvfp4
-from scalesweep_vllm.kernels import cpu_backend, dispatch
+from scalesweep_vllm.kernels import cpu_backend, cpu_build, dispatch
 
 #: Vector instructions per element and candidate in the compiled sweep loop (16 lanes
 #: each): r = a * inv; M from r's exponent (and, max, add); (r + M) - M (2); min with
@@ -77,9 +82,20 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def peak_lane_ops_per_s() -> float:
+def _bf16_units() -> bool:
+    return bool(cpu_build._cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def peak_lane_ops_per_s(isa: str) -> float:
     """fp32 lane-operations per second of one thread on a simple vectorised loop."""
-    mod = cpu_backend.load()
+    from torch.utils import cpp_extension
+
+    mod = cpp_extension.load(
+        name=f"scalesweep_bench_peak_{isa}",
+        sources=[str(Path(__file__).with_name("cpu") / "peak.cpp")],
+        extra_cflags=cpu_build.flags(isa),
+        extra_ldflags=["-fopenmp"],
+    )
     steps = 2_000_000
     ops = mod.peak_loop(steps)
     best = min(_timed(lambda: mod.peak_loop(steps)) for _ in range(5))
@@ -103,6 +119,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 512, 4096])
+    p.add_argument(
+        "--isa",
+        nargs="+",
+        choices=cpu_build.ISAS,
+        default=None,
+        help="backend builds to time (default: every level this CPU runs)",
+    )
     p.add_argument("--check", action="store_true", help="verify bit-exactness before timing")
     p.add_argument("--quick", action="store_true", help="shorter timings (CI smoke)")
     args = p.parse_args()
@@ -110,30 +133,61 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if not cpu_backend.available():
         raise SystemExit(f"the C++ CPU backend is unavailable: {cpu_backend.why()}")
+    isas = args.isa or cpu_build.cpu_isas()
+    for tag in isas:
+        if tag not in cpu_build.cpu_isas():
+            raise SystemExit(f"this CPU cannot run the {tag} build ({cpu_build.cpu_isas()})")
     min_time = 0.02 if args.quick else 0.25
+    gemm_dtype = torch.bfloat16 if _bf16_units() else torch.float32
     env = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": _cpu_name(),
-        "isa": cpu_backend._isa()[0],
+        "cpu_levels": cpu_build.cpu_isas(),
+        "isas_timed": isas,
+        "bf16_units": _bf16_units(),
+        "gemm_dtype": str(gemm_dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
     print("environment:", json.dumps(env))
-    peak = peak_lane_ops_per_s()
-    print(f"vector peak (simple loop, 1 thread): {peak / 1e9:.1f} G fp32 lane-ops/s")
+    print(
+        f"GEMM and activations in {env['gemm_dtype']} "
+        f"({'the CPU has bf16 units' if _bf16_units() else 'no bf16 units on this CPU'})"
+    )
+    rows = []
+    peaks = {}
+    for tag in isas:
+        with cpu_backend.use(tag):
+            peaks[tag] = peak_lane_ops_per_s(tag)
+            print(
+                f"\n[{tag}] vector peak (simple loop, 1 thread): "
+                f"{peaks[tag] / 1e9:.1f} G fp32 lane-ops/s"
+            )
+            rows += _table(tag, args, min_time, peaks[tag], gemm_dtype)
+    out = Path(os.environ.get("OUT", "benchmarks/out"))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "bench_cpu_quant.json"
+    path.write_text(
+        json.dumps({"environment": env, "peak_lane_ops_per_s": peaks, "rows": rows}, indent=2)
+        + "\n"
+    )
+    print(f"wrote {path}")
+
+
+def _table(isa, args, min_time, peak, gemm_dtype) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     rows = []
     hdr = (
         f"{'shape':<10}{'T':>6}{'method':>8}{'ms':>10}{'Melem/s':>10}{'x ref':>9}"
-        f"{'/absmax':>9}{'/matmul':>9}{'%peak':>7}"
+        f"{'/absmax':>9}{'/matmul':>9}{'%copy':>7}{'%peak':>7}"
     )
     print(hdr)
     for name, tail, n_out, whead in SHAPES:
         for t in args.tokens:
             shape = (t, *tail)
             x = (torch.randn(shape, generator=gen) * (1 + torch.rand(shape[:-1] + (1,)) * 3)).to(
-                torch.bfloat16
+                gemm_dtype
             )
             g = nvfp4.global_scale(x.float().abs().max())
             k = shape[-1]
@@ -141,8 +195,10 @@ def main() -> None:
             mm = None
             if n_out is not None:
                 a2 = x.reshape(-1, k)
-                b2 = torch.randn(k, n_out, generator=gen).to(torch.bfloat16)
+                b2 = torch.randn(k, n_out, generator=gen).to(gemm_dtype)
                 mm = _best_time(lambda a2=a2, b2=b2: torch.matmul(a2, b2), min_time)
+            # fake-quantize reads and writes x once, as a copy does
+            copy = _best_time(lambda x=x: x.clone(), min_time)
             base = None
             for method in ("absmax", "mse", "wmse"):
                 w = w_col if method == "wmse" else None
@@ -171,6 +227,7 @@ def main() -> None:
                     lane_ops = trips * 256 * OPS_PER_EVAL[method]
                     pct = 100 * lane_ops / (ours * peak * torch.get_num_threads())
                 row = {
+                    "isa": isa,
                     "shape": name,
                     "T": t,
                     "method": method,
@@ -183,6 +240,8 @@ def main() -> None:
                     "vs_absmax": ours / base,
                     "matmul_ms": None if mm is None else mm * 1e3,
                     "vs_matmul": None if mm is None else ours / mm,
+                    "copy_ms": copy * 1e3,
+                    "pct_of_copy_bandwidth": 100 * copy / ours,
                     "evals_per_tile": trips / max(1, -(-x.numel() // 256)),
                     "pct_of_vector_peak": pct,
                 }
@@ -194,15 +253,10 @@ def main() -> None:
                 print(
                     f"{name:<10}{t:>6}{method:>8}{row['ms']:>10.3f}{row['melem_per_s']:>10.1f}"
                     f"{f(row['speedup_vs_ref'], '.0f'):>9}{row['vs_absmax']:>9.2f}"
-                    f"{f(row['vs_matmul'], '.2f'):>9}{f(pct, '.0f'):>7}"
+                    f"{f(row['vs_matmul'], '.2f'):>9}{row['pct_of_copy_bandwidth']:>7.0f}"
+                    f"{f(pct, '.0f'):>7}"
                 )
-    out = Path(os.environ.get("OUT", "benchmarks/out"))
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "bench_cpu_quant.json"
-    path.write_text(
-        json.dumps({"environment": env, "peak_lane_ops_per_s": peak, "rows": rows}, indent=2) + "\n"
-    )
-    print(f"wrote {path}")
+    return rows
 
 
 if __name__ == "__main__":

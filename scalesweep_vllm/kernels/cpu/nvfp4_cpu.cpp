@@ -34,13 +34,16 @@
 #include <immintrin.h>
 #endif
 
+// The vector helpers are small and take 64-byte structs: a call passes them through
+// memory, so they are always inlined.
+#define ALWAYS_INLINE inline __attribute__((always_inline))
 // GCC 12 for aarch64 gives up register allocation (an internal compiler error,
 // "maximum number of generated reload insns") when the whole tile loop is one
 // function of 64-byte vectors; there the tile's stages are separate calls.
 #if defined(__aarch64__)
 #define OUTLINE __attribute__((noinline))
 #else
-#define OUTLINE inline
+#define OUTLINE ALWAYS_INLINE
 #endif
 
 namespace {
@@ -78,25 +81,25 @@ using Scalar = std::type_identity_t<E>;
 
 #define SCALESWEEP_BINARY(op)                                                    \
   template <typename E, typename N>                                              \
-  inline Vec<E, N> operator op(const Vec<E, N>& a, const Vec<E, N>& b) {          \
+  ALWAYS_INLINE Vec<E, N> operator op(const Vec<E, N>& a, const Vec<E, N>& b) {          \
     Vec<E, N> r;                                                                 \
     for (int k = 0; k < PIECES; ++k) r.p[k] = a.p[k] op b.p[k];                  \
     return r;                                                                    \
   }                                                                              \
   template <typename E, typename N>                                              \
-  inline Vec<E, N> operator op(const Vec<E, N>& a, Scalar<E> s) {                 \
+  ALWAYS_INLINE Vec<E, N> operator op(const Vec<E, N>& a, Scalar<E> s) {                 \
     Vec<E, N> r;                                                                 \
     for (int k = 0; k < PIECES; ++k) r.p[k] = a.p[k] op s;                       \
     return r;                                                                    \
   }                                                                              \
   template <typename E, typename N>                                              \
-  inline Vec<E, N> operator op(Scalar<E> s, const Vec<E, N>& a) {                 \
+  ALWAYS_INLINE Vec<E, N> operator op(Scalar<E> s, const Vec<E, N>& a) {                 \
     Vec<E, N> r;                                                                 \
     for (int k = 0; k < PIECES; ++k) r.p[k] = s op a.p[k];                       \
     return r;                                                                    \
   }                                                                              \
   template <typename E, typename N, typename B>                                  \
-  inline Vec<E, N>& operator op##=(Vec<E, N>& a, const B& b) { return a = a op b; }
+  ALWAYS_INLINE Vec<E, N>& operator op##=(Vec<E, N>& a, const B& b) { return a = a op b; }
 SCALESWEEP_BINARY(+)
 SCALESWEEP_BINARY(-)
 SCALESWEEP_BINARY(*)
@@ -107,7 +110,7 @@ SCALESWEEP_BINARY(<<)
 SCALESWEEP_BINARY(>>)
 #undef SCALESWEEP_BINARY
 template <typename E, typename N>
-inline Vec<E, N> operator-(const Vec<E, N>& a) {
+ALWAYS_INLINE Vec<E, N> operator-(const Vec<E, N>& a) {
   Vec<E, N> r;
   for (int k = 0; k < PIECES; ++k) r.p[k] = -a.p[k];
   return r;
@@ -116,19 +119,19 @@ inline Vec<E, N> operator-(const Vec<E, N>& a) {
 // Bit casts and value conversions, piece by piece (a whole-struct memcpy would go
 // through the stack in halves and stall store forwarding).
 template <typename To, typename E, typename N>
-inline To bitcast(const Vec<E, N>& a) {
+ALWAYS_INLINE To bitcast(const Vec<E, N>& a) {
   To r;
   for (int k = 0; k < PIECES; ++k) r.p[k] = (std::remove_reference_t<decltype(r.p[0])>)a.p[k];
   return r;
 }
-inline vf as_f(const vi& a) { return bitcast<vf>(a); }
-inline vi as_i(const vf& a) { return bitcast<vi>(a); }
-inline vf to_f(const vi& a) {
+ALWAYS_INLINE vf as_f(const vi& a) { return bitcast<vf>(a); }
+ALWAYS_INLINE vi as_i(const vf& a) { return bitcast<vi>(a); }
+ALWAYS_INLINE vf to_f(const vi& a) {
   vf r;
   for (int k = 0; k < PIECES; ++k) r.p[k] = __builtin_convertvector(a.p[k], nf);
   return r;
 }
-inline vi to_i(const vf& a) {  // truncation, as C's cast
+ALWAYS_INLINE vi to_i(const vf& a) {  // truncation, as C's cast
   vi r;
   for (int k = 0; k < PIECES; ++k) r.p[k] = __builtin_convertvector(a.p[k], ni);
   return r;
@@ -146,12 +149,12 @@ constexpr float WEIGHT_FLUSH = 0x1p-40f;  // WEIGHT_FLUSH
 constexpr int UPPER_OFFSET = 7;           // UPPER_OFFSET
 constexpr int STAGE1_OFFSET = 3;          // MSE_STAGE1_OFFSET
 
-inline vf splat(float s) {
+ALWAYS_INLINE vf splat(float s) {
   vf r;
   for (int k = 0; k < PIECES; ++k) r.p[k] = nf{} + s;
   return r;
 }
-inline vi splati(int32_t s) {
+ALWAYS_INLINE vi splati(int32_t s) {
   vi r;
   for (int k = 0; k < PIECES; ++k) r.p[k] = ni{} + s;
   return r;
@@ -160,13 +163,13 @@ inline vi splati(int32_t s) {
 // Lane masks (-1 true, 0 false), as vector comparisons give them.
 #define SCALESWEEP_CMP(name, op)                                                   \
   template <typename E, typename N>                                                \
-  inline vi name(const Vec<E, N>& a, const Vec<E, N>& b) {                         \
+  ALWAYS_INLINE vi name(const Vec<E, N>& a, const Vec<E, N>& b) {                         \
     vi r;                                                                          \
     for (int k = 0; k < PIECES; ++k) r.p[k] = (ni)(a.p[k] op b.p[k]);             \
     return r;                                                                      \
   }                                                                                \
   template <typename E, typename N>                                                \
-  inline vi name(const Vec<E, N>& a, Scalar<E> s) {                                \
+  ALWAYS_INLINE vi name(const Vec<E, N>& a, Scalar<E> s) {                                \
     vi r;                                                                          \
     for (int k = 0; k < PIECES; ++k) r.p[k] = (ni)(a.p[k] op s);                  \
     return r;                                                                      \
@@ -179,29 +182,29 @@ SCALESWEEP_CMP(eq, ==)
 #undef SCALESWEEP_CMP
 // m ? a : b per lane (m a lane mask).
 template <typename E, typename N>
-inline Vec<E, N> sel(const vi& m, const Vec<E, N>& a, const Vec<E, N>& b) {
+ALWAYS_INLINE Vec<E, N> sel(const vi& m, const Vec<E, N>& a, const Vec<E, N>& b) {
   Vec<E, N> r;
   for (int k = 0; k < PIECES; ++k) r.p[k] = m.p[k] ? a.p[k] : b.p[k];
   return r;
 }
 // a < b ? a : b and a > b ? a : b, which is what x86's min/max instructions compute.
 #if defined(__AVX512F__)
-inline vf vmin(vf a, vf b) { return vf{{(nf)_mm512_min_ps((__m512)a.p[0], (__m512)b.p[0])}}; }
-inline vf vmax(vf a, vf b) { return vf{{(nf)_mm512_max_ps((__m512)a.p[0], (__m512)b.p[0])}}; }
+ALWAYS_INLINE vf vmin(vf a, vf b) { return vf{{(nf)_mm512_min_ps((__m512)a.p[0], (__m512)b.p[0])}}; }
+ALWAYS_INLINE vf vmax(vf a, vf b) { return vf{{(nf)_mm512_max_ps((__m512)a.p[0], (__m512)b.p[0])}}; }
 #else
-inline vf vmin(vf a, vf b) { return sel(lt(a, b), a, b); }
-inline vf vmax(vf a, vf b) { return sel(gt(a, b), a, b); }
+ALWAYS_INLINE vf vmin(vf a, vf b) { return sel(lt(a, b), a, b); }
+ALWAYS_INLINE vf vmax(vf a, vf b) { return sel(gt(a, b), a, b); }
 #endif
-inline vi vmini(vi a, vi b) { return sel(lt(a, b), a, b); }
-inline vi vmaxi(vi a, vi b) { return sel(gt(a, b), a, b); }
-inline vf vabs(vf a) { return as_f(as_i(a) & 0x7FFFFFFF); }
-inline int32_t hmax(vi a) {
+ALWAYS_INLINE vi vmini(vi a, vi b) { return sel(lt(a, b), a, b); }
+ALWAYS_INLINE vi vmaxi(vi a, vi b) { return sel(gt(a, b), a, b); }
+ALWAYS_INLINE vf vabs(vf a) { return as_f(as_i(a) & 0x7FFFFFFF); }
+ALWAYS_INLINE int32_t hmax(vi a) {
   int32_t m = a[0];
   for (int j = 1; j < BS; ++j) m = a[j] > m ? a[j] : m;
   return m;
 }
 
-inline vf vsqrt(vf a) {
+ALWAYS_INLINE vf vsqrt(vf a) {
 #if defined(__AVX512F__)
   return vf{{(nf)_mm512_sqrt_ps((__m512)a.p[0])}};
 #else
@@ -212,8 +215,8 @@ inline vf vsqrt(vf a) {
 #endif
 }
 
-inline int32_t bits_of(float f) { int32_t i; std::memcpy(&i, &f, 4); return i; }
-inline float float_of(int32_t i) { float f; std::memcpy(&f, &i, 4); return f; }
+ALWAYS_INLINE int32_t bits_of(float f) { int32_t i; std::memcpy(&i, &f, 4); return i; }
+ALWAYS_INLINE float float_of(int32_t i) { float f; std::memcpy(&f, &i, 4); return f; }
 
 // nvfp4.round_e2m1_magnitude for r >= 0 (rne(r / step) * step, saturated at 6).
 // (r + M) - M rounds r to a multiple of the fp32 spacing at M, ties to even. With
@@ -222,16 +225,16 @@ inline float float_of(int32_t i) { float f; std::memcpy(&f, &i, 4); return f; }
 // 8 the spacing grows, the result stays >= 8 and saturates to 6, as in the
 // reference. M comes from r's exponent bits: max(bits & exponent, bits(1.0)) +
 // 22 in the exponent field.
-inline vf round_e2m1_mag(vf r) {
+ALWAYS_INLINE vf round_e2m1_mag(vf r) {
   vf m = as_f(vmaxi(as_i(r) & 0x7F800000, splati(0x3F800000)) + (22 << 23));
   return vmin((r + m) - m, splat(FP4_MAX));
 }
 
 // FP8 E4M3 code -> fp32 value: 1..7 are k * 2^-9, 8e + j is 2^(e-7) (1 + j/8).
-inline float fp8_value(int32_t c) {
+ALWAYS_INLINE float fp8_value(int32_t c) {
   return c < 8 ? float(c) * 0x1p-9f : float_of((((c >> 3) + 120) << 23) | ((c & 7) << 20));
 }
-inline vf fp8_value_v(vi c) {
+ALWAYS_INLINE vf fp8_value_v(vi c) {
   vf sub = to_f(c) * 0x1p-9f;
   vi nb = (((c >> 3) + 120) << 23) | ((c & 7) << 20);
   return sel(lt(c, 8), sub, as_f(nb));
@@ -239,7 +242,7 @@ inline vf fp8_value_v(vi c) {
 
 // nvfp4._fp8_floor_code on 16 lanes, for finite t >= 0: floor code, sign of
 // (t - midpoint to the next code), whether t is the code's value.
-inline vi fp8_floor_v(vf t, vi& rest_sign, vi& exact) {
+ALWAYS_INLINE vi fp8_floor_v(vf t, vi& rest_sign, vi& exact) {
   vi b = as_i(t);
   vi ncode = (((b >> 23) - 120) << 3) + ((b & 0x7FFFFF) >> 20);
   vi rest = b & 0xFFFFF;
@@ -254,15 +257,15 @@ inline vi fp8_floor_v(vf t, vi& rest_sign, vi& exact) {
   exact = sel(normal, eq(rest, 0), eq(fr, 0.0f));
   return sel(normal, ncode, to_i(fl));
 }
-inline vf clamp448(vf t) { return vmin(vmax(t, splat(0.0f)), splat(FP8_MAX)); }
-inline vi fp8_rne_code_v(vf t) {
+ALWAYS_INLINE vf clamp448(vf t) { return vmin(vmax(t, splat(0.0f)), splat(FP8_MAX)); }
+ALWAYS_INLINE vi fp8_rne_code_v(vf t) {
   vi rs, ex;
   vi code = fp8_floor_v(clamp448(t), rs, ex);
   vi up = gt(rs, 0) | (eq(rs, 0) & eq(code & 1, 1));
   code = code - up;  // up is -1 where true
   return vmaxi(vmini(code, splati(MAX_CODE)), splati(0));
 }
-inline vi fp8_ceil_code_v(vf t) {
+ALWAYS_INLINE vi fp8_ceil_code_v(vf t) {
   vi rs, ex;
   vi code = fp8_floor_v(clamp448(t), rs, ex);
   code = code - eq(ex, 0);  // + 1 where not exact
@@ -270,7 +273,7 @@ inline vi fp8_ceil_code_v(vf t) {
 }
 
 // sweep._absmax_codes_blocks: max(fp8_rne(min((amax / divisor) * G, 448)), 1).
-inline vi absmax_code_v(vf amax, vf g, float divisor = FP4_MAX) {
+ALWAYS_INLINE vi absmax_code_v(vf amax, vf g, float divisor = FP4_MAX) {
   vf t = vmin((amax / divisor) * g, splat(FP8_MAX));
   return vmaxi(fp8_rne_code_v(t), splati(1));
 }
@@ -278,7 +281,7 @@ inline vi absmax_code_v(vf amax, vf g, float divisor = FP4_MAX) {
 // sweep.candidate_errors for one code per lane (lane = block): S * v^2, with S
 // the fixed pairwise tree sum of the 16 terms (d * d) * w.
 template <bool W>
-inline vf cand_err(const vf* A, const vf* Wt, vf g, vi code) {
+ALWAYS_INLINE vf cand_err(const vf* A, const vf* Wt, vf g, vi code) {
   vf v = fp8_value_v(code);
   vf inv = g / v;
   vf e[BS];
@@ -296,7 +299,7 @@ inline vf cand_err(const vf* A, const vf* Wt, vf g, vi code) {
 
 // sweep._clip_lo per lane: smallest code that can beat (or tie) error e_ref.
 template <bool W>
-inline vi clip_lo_v(const vf* A, const vf* Wt, vf g, vf e_ref) {
+ALWAYS_INLINE vi clip_lo_v(const vf* A, const vf* Wt, vf g, vf e_ref) {
   e_ref = e_ref * (1.0f + MARGIN);
   vf clip;
   if (!W) {
@@ -323,7 +326,7 @@ constexpr ni shuffle_mask(std::index_sequence<L...>, bool upper) {
   return ni{(upper ? ((L & D) ? NL + int(L) : int(L) + D) : ((L & D) ? NL + int(L) - D : int(L)))...};
 }
 template <int D>
-inline void transpose_stage(vf* M) {
+ALWAYS_INLINE void transpose_stage(vf* M) {
   for (int i = 0; i < BS; ++i) {
     if (i & D) continue;
     if constexpr (D >= NL) {
@@ -345,7 +348,7 @@ inline void transpose_stage(vf* M) {
     }
   }
 }
-inline void transpose16(vf* M) {
+ALWAYS_INLINE void transpose16(vf* M) {
   transpose_stage<8>(M);
   transpose_stage<4>(M);
   transpose_stage<2>(M);
@@ -353,7 +356,7 @@ inline void transpose16(vf* M) {
 }
 
 // sweep._normalize_weights, per lane (block) of transposed weights Wt[element].
-inline void normalize_weights_v(vf* Wt) {
+ALWAYS_INLINE void normalize_weights_v(vf* Wt) {
   vf wmax = Wt[0];
   for (int i = 1; i < BS; ++i) wmax = vmax(wmax, Wt[i]);
   vf pre = sel(lt(wmax, 0x1p-64f), splat(0x1p64f), sel(ge(wmax, 0x1p64f), splat(0x1p-64f), splat(1.0f)));
@@ -377,7 +380,7 @@ struct Args {
 // sweep._objective's magnitudes of one tile, one block per lane: A[element] = the
 // 16 blocks' |x| (Xa in the natural layout, transposed), flushed where |x| * G is
 // below FLUSH_SCALED. Returns each block's largest flushed magnitude.
-inline vf objective_lanes(const vf* Xa, vf g, vf* A) {
+ALWAYS_INLINE vf objective_lanes(const vf* Xa, vf g, vf* A) {
   for (int j = 0; j < BS; ++j) A[j] = Xa[j];
   transpose16(A);
   for (int i = 0; i < BS; ++i) A[i] = sel(lt(A[i] * g, FLUSH_SCALED), splat(0.0f), A[i]);
@@ -389,7 +392,7 @@ inline vf objective_lanes(const vf* Xa, vf g, vf* A) {
 // Sweep over codes [lo, hi] per lane; returns the smallest code of least error
 // (best/best_err updated only where strictly better, so earlier codes win ties).
 template <bool W>
-inline int32_t sweep_range(const vf* A, const vf* Wt, vf g, vi lo, vi hi, vi& best, vf& best_err) {
+ALWAYS_INLINE int32_t sweep_range(const vf* A, const vf* Wt, vf g, vi lo, vi hi, vi& best, vf& best_err) {
   const int32_t span = hmax(hi - lo) + 1;
   for (int32_t k = 0; k < span; ++k) {
     vi code = lo + k;
@@ -460,12 +463,12 @@ OUTLINE vi four_over_six_tile(const vf* Xa, float gs) {
 }
 
 // Row of 16 values of x (natural layout) as fp32.
-inline vf load16(const float* p) {
+ALWAYS_INLINE vf load16(const float* p) {
   vf v;
   for (int k = 0; k < PIECES; ++k) std::memcpy(&v.p[k], p + k * NL, NB);
   return v;
 }
-inline vf load16(const c10::BFloat16* p) {
+ALWAYS_INLINE vf load16(const c10::BFloat16* p) {
   vf v;
   for (int k = 0; k < PIECES; ++k) {
     nh h;
@@ -474,16 +477,16 @@ inline vf load16(const c10::BFloat16* p) {
   }
   return v;
 }
-inline vf load16(const c10::Half* p) {
+ALWAYS_INLINE vf load16(const c10::Half* p) {
   float f[BS];
   for (int i = 0; i < BS; ++i) f[i] = static_cast<float>(p[i]);
   return load16(f);
 }
 // fp32 -> dtype, rounding to nearest even as torch's .to(dtype) (finite values).
-inline void store16(float* p, vf v) {
+ALWAYS_INLINE void store16(float* p, vf v) {
   for (int k = 0; k < PIECES; ++k) std::memcpy(p + k * NL, &v.p[k], NB);
 }
-inline void store16(c10::BFloat16* p, vf v) {
+ALWAYS_INLINE void store16(c10::BFloat16* p, vf v) {
   for (int k = 0; k < PIECES; ++k) {
     const nu u = (nu)v.p[k];
     const nu r = (u + (((u >> 16) & 1) + 0x7FFF)) >> 16;
@@ -491,7 +494,7 @@ inline void store16(c10::BFloat16* p, vf v) {
     std::memcpy(p + k * NL, &h, sizeof h);
   }
 }
-inline void store16(c10::Half* p, vf v) {
+ALWAYS_INLINE void store16(c10::Half* p, vf v) {
   float f[BS];
   store16(f, v);
   for (int i = 0; i < BS; ++i) p[i] = static_cast<c10::Half>(f[i]);
