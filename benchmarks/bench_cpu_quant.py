@@ -20,7 +20,8 @@ the sweep's work is its candidate evaluations (counted by the kernel) times 256
 elements per 16-block tile times the operations per element and candidate of the
 compiled inner loop (``OPS_PER_EVAL``, read off the disassembly).
 
-    python benchmarks/bench_cpu_quant.py [--isa generic avx2 avx512] [--threads N] [--check] [--quick]
+    python benchmarks/bench_cpu_quant.py [--isa generic avx2 avx512] [--threads N]
+        [--check] [--quick]
 
 Prints the environment first, then the table; writes JSON to ``${OUT:-benchmarks/out}``.
 """

@@ -4,11 +4,12 @@ One source, three x86-64 builds, each bit-exact with the reference (the source i
 portable GCC vector code; the only intrinsics are AVX-512 min/max/sqrt, guarded by
 ``__AVX512F__``, and they compute what the portable fallbacks do):
 
-| tag | flags | runs on |
-|---|---|---|
-| ``generic`` | ``-march=x86-64`` (SSE2); no ``-march`` off x86 | every x86-64 CPU (and aarch64, etc.) |
-| ``avx2`` | ``-march=x86-64-v3`` (AVX2, FMA, BMI1/2, F16C, LZCNT, MOVBE) | Intel Haswell+, AMD Zen 1+ |
-| ``avx512`` | ``-march=x86-64-v4 -mprefer-vector-width=512`` (+ AVX-512 F/BW/CD/DQ/VL) | Intel Skylake-SP+, AMD Zen 4+ |
+- ``generic``: ``-march=x86-64`` (SSE2), no ``-march`` off x86: every x86-64 CPU
+  (and aarch64, ...);
+- ``avx2``: ``-march=x86-64-v3`` (AVX2, FMA, BMI1/2, F16C, LZCNT, MOVBE): Intel
+  Haswell and later, AMD Zen 1 and later;
+- ``avx512``: ``-march=x86-64-v4 -mprefer-vector-width=512`` (AVX-512 F/BW/CD/DQ/VL):
+  Intel Skylake-SP and later, AMD Zen 4 and later.
 
 The x86 levels are the psABI's microarchitecture levels (GCC 11+), so a build uses
 nothing beyond the features its level names, and the CPU check below is exactly
@@ -50,7 +51,14 @@ __all__ = [
 ISA_ENV = "SCALESWEEP_CPU_ISA"
 ISAS = ("generic", "avx2", "avx512")
 SOURCE = pathlib.Path(__file__).with_name("cpu") / "nvfp4_cpu.cpp"
-_COMMON = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-fopenmp", "-Wno-psabi"]
+_COMMON = [
+    "-O3",
+    "-ffp-contract=off",
+    "-fno-fast-math",
+    "-fno-math-errno",
+    "-fopenmp",
+    "-Wno-psabi",
+]
 #: x86 flags each level needs from /proc/cpuinfo (what -march enables and the code uses).
 _NEEDS = {
     "generic": set(),
@@ -108,7 +116,9 @@ def flags(isa: str, machine: str | None = None) -> list[str]:
         raise ValueError(f"unknown ISA {isa!r}; choose one of {ISAS}")
     if not _is_x86(machine):
         if isa != "generic":
-            raise ValueError(f"{isa} is an x86 level; {machine or platform.machine()} has generic only")
+            raise ValueError(
+                f"{isa} is an x86 level; {machine or platform.machine()} has generic only"
+            )
         return list(_COMMON)
     march = {
         "generic": ["-march=x86-64", "-mtune=generic"],
@@ -198,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         for tag in tags:
             t = time.perf_counter()
             m = build(tag, verbose=not a.setup)
-            print(f"scalesweep CPU backend ready ({tag}, {time.perf_counter() - t:.1f} s): {m.__file__}")
+            dt = time.perf_counter() - t
+            print(f"scalesweep CPU backend ready ({tag}, {dt:.1f} s): {m.__file__}")
     except Exception as err:  # noqa: BLE001 - report with the log's tail
         tail = "\n".join(str(err).strip().splitlines()[-30:])
         missing = toolchain()
