@@ -25,7 +25,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-
 def _missing(what: str, log: str) -> None:
     """Fail where the backend must exist (CI, or g++ and ninja present), skip elsewhere."""
     why = cpu_backend.required()
