@@ -55,32 +55,38 @@ def _root(tmp_path_factory) -> Path:
     return root
 
 
-def tiny_model_dir(tmp_path_factory) -> Path:
+def tiny_model_dir(tmp_path_factory, **overrides) -> Path:
+    """The tiny model (``TINY``, with ``overrides`` of its config, e.g. one KV head)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from scalesweep_vllm.quantize import assets
 
-    out = _root(tmp_path_factory) / "tiny-bf16"
+    suffix = "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
+    out = _root(tmp_path_factory) / f"tiny-bf16{suffix}"
     if not (out / "config.json").is_file():
         torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(**TINY)).to(torch.bfloat16)
+        model = LlamaForCausalLM(LlamaConfig(**{**TINY, **overrides})).to(torch.bfloat16)
         model.save_pretrained(out)
         AutoTokenizer.from_pretrained(assets.default_model_dir()).save_pretrained(out)
     return out
 
 
-def tiny_checkpoint(tmp_path_factory, scheme: str, convention: str | None = None) -> Path:
+def tiny_checkpoint(
+    tmp_path_factory, scheme: str, convention: str | None = None, **overrides
+) -> Path:
     """The tiny model quantized by ``scalesweep_vllm.quantize.quantize_model`` (with
-    ``convention`` as its global scale; None: the quantizer's default)."""
+    ``convention`` as its global scale; None: the quantizer's default; ``overrides`` of
+    the model's config as in :func:`tiny_model_dir`)."""
     from scalesweep_vllm.quantize import assets, quantize_model
 
     kw, name = {}, f"tiny-{scheme}"
     if convention is not None:
         kw, name = {"global_scale_convention": convention}, f"{name}-{convention}"
+    name += "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
     out = _root(tmp_path_factory) / name
     if not (out / "config.json").is_file():
         quantize_model(
-            str(tiny_model_dir(tmp_path_factory)),
+            str(tiny_model_dir(tmp_path_factory, **overrides)),
             str(out),
             scheme=scheme,
             objective="wmse",

@@ -50,18 +50,35 @@ def test_weight_only_layers(engine):
     assert attn == []  # W4A16: attention is stock
 
 
+@torch.no_grad()
 def test_greedy_and_logprobs_match_reference(ckpt, engine):
+    """Log-probs within the bf16 noise bound everywhere; the greedy token the same
+    wherever the reference's choice is decided beyond that noise (its top-1 log-prob
+    exceeds its top-2 by more than 2 * MAX_TOL: a noise of MAX_TOL on each side cannot
+    swap them). Random tiny weights leave near-tied positions; which ones depends on
+    the checkpoint (e.g. its global-scale convention), so counting agreements is not a
+    property; this is."""
     sp = vllm.SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=0)
     ref = reference_model(ckpt)
-    diffs, agree = [], 0
+    diffs, decided, agree = [], 0, 0
     for o in engine.generate(PROMPTS, sp):
         c = o.outputs[0]
-        lp = torch.tensor([d[t].logprob for d, t in zip(c.logprobs, c.token_ids, strict=True)])
-        ref_lp, ref_arg = teacher_forced(ref, list(o.prompt_token_ids), list(c.token_ids))
+        prompt, gen = list(o.prompt_token_ids), list(c.token_ids)
+        lp = torch.tensor([d[t].logprob for d, t in zip(c.logprobs, gen, strict=True)])
+        ref_lp, ref_arg = teacher_forced(ref, prompt, gen)
         diffs.append((lp - ref_lp).abs())
-        agree += bool((ref_arg == torch.tensor(c.token_ids)).all())
+        logits = ref(torch.tensor([prompt + gen])).logits[0].float()
+        pos = torch.arange(len(prompt) - 1, len(prompt) + len(gen) - 1)
+        top2 = torch.log_softmax(logits[pos], -1).topk(2).values
+        sure = (top2[:, 0] - top2[:, 1]) > 2 * MAX_TOL
+        same = ref_arg == torch.tensor(gen)
+        assert same[sure].all(), (c.text, same, top2)
+        decided += int(sure.sum())
+        agree += bool(same.all())
     d = torch.cat(diffs)
-    print(f"W4A16 |dlogprob| mean {d.mean():.4f} max {d.max():.4f}; agree {agree}/{len(PROMPTS)}")
+    print(
+        f"W4A16 |dlogprob| mean {d.mean():.4f} max {d.max():.4f}; greedy agrees on "
+        f"{agree}/{len(PROMPTS)} prompts; {decided}/{d.numel()} positions decided"
+    )
     assert d.max() < MAX_TOL
-    # Random tiny weights leave near-ties; allow the ones a bf16 ulp can flip.
-    assert agree >= len(PROMPTS) - 2
+    assert decided >= d.numel() // 2  # the check checked most positions

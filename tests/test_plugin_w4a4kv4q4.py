@@ -227,34 +227,42 @@ def test_every_quantized_op_matches_the_checkpoint(ckpt, engine, monkeypatch):
 #: Served == measured on held-out text: vLLM's prompt log-probs on evaluation windows
 #: against the evaluation's forward, both float32 (see DTYPE above for why not bf16
 #: on this random model; benchmarks/RESULTS.md has the bf16 run on the real model).
-#: Per position the two differ by a few 1e-4 nats where no FP4 rounding flips; a flip
-#: costs up to ~0.05 (MAX_TOL); the mean over 126 positions must agree within 1e-3
-#: nats, i.e. perplexity within 0.1%.
-SERVED_PPL_RTOL = 1e-3
+#: Exact up to fp32 noise once near-ties are aligned: an input within an ulp of an FP4
+#: midpoint or of a block-scale tie rounds differently in vLLM's and transformers'
+#: arithmetic and every later position of its window sees it (up to ~0.3 nats on this
+#: model); the engine's quantizer calls are recorded and the evaluation takes the served
+#: output exactly there, if the served input is within fp32 noise of its own
+#: (tests/quantizer_alignment.py). tests/test_plugin_tp.py runs the same check at both
+#: global scales and under tensor parallelism.
+FP32_NOISE = 1e-5
 
 
 def test_served_perplexity_equals_evaluation(ckpt, engine):
     import math
 
+    from quantizer_alignment import aligned_nll, recording
     from transformers import AutoTokenizer
 
     from scalesweep_vllm.evaluate.metrics import evaluation_tokens, token_nll
 
     ids = evaluation_tokens(AutoTokenizer.from_pretrained(ckpt), 128, 64)  # 2 windows
     sp = vllm.SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
-    outs = engine.generate([{"prompt_token_ids": row.tolist()} for row in ids], sp)
+    with recording() as calls:  # the engine runs in this process (cpu_engine)
+        outs = engine.generate([{"prompt_token_ids": row.tolist()} for row in ids], sp)
     served = torch.tensor(
         [
             [-lp[t].logprob for lp, t in zip(o.prompt_logprobs[1:], row[1:].tolist(), strict=True)]
             for o, row in zip(outs, ids, strict=True)
         ]
     )
-    measured = token_nll(reference_model(ckpt, dtype=DTYPE), ids)
-    d = (served - measured).abs()
+    model = reference_model(ckpt, dtype=DTYPE)
+    measured = token_nll(model, ids)
+    aligned, notes = aligned_nll(model, ids, calls)
+    d = (served - aligned).abs()
     ppl_s, ppl_m = math.exp(served.mean()), math.exp(measured.mean())
     print(
-        f"served ppl {ppl_s:.4f}, measured {ppl_m:.4f}; "
-        f"|dnll| mean {d.mean():.2e} max {d.max():.2e}"
+        f"served ppl {ppl_s:.4f}, measured {ppl_m:.4f}; aligned |dnll| mean {d.mean():.2e} "
+        f"max {d.max():.2e}; near-ties aligned: {notes}"
     )
-    assert abs(ppl_s / ppl_m - 1) < SERVED_PPL_RTOL
-    assert d.max() < MAX_TOL
+    assert d.max() <= FP32_NOISE
+    assert len(notes) <= 2  # rare (measured: one window in 16 at this global scale)
