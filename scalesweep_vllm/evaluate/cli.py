@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--global-scale",
         choices=sorted(GLOBAL_SCALE_TARGETS),
         default=DEFAULT_GLOBAL_SCALE,
-        help="recipe's global scale: paper = 256*6/amax (default, as the quantizer's), "
-        "compressed-tensors = 448*6/amax",
+        help="recipe's global scale: compressed-tensors = 448*6/amax (default, as the "
+        "quantizer's), paper = 256*6/amax",
     )
     p.add_argument(
         "--setting",

@@ -106,9 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="global_scale",
         choices=sorted(GLOBAL_SCALE_TARGETS),
         default=DEFAULT_GLOBAL_SCALE,
-        help="global scale: paper = 256*6/amax (default; room above the largest blocks "
-        "for the sweep), compressed-tensors = 448*6/amax (as vLLM and llm-compressor; "
-        "slightly lower KLD in benchmarks/RESULTS.md)",
+        help="global scale: compressed-tensors = 448*6/amax (default, as vLLM and "
+        "llm-compressor; the most accurate in benchmarks/RESULTS.md), paper = 256*6/amax "
+        "(the paper's: room above the largest blocks for the sweep)",
     )
     p.add_argument(
         "--gptq",
