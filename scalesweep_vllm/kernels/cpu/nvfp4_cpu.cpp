@@ -204,6 +204,27 @@ ALWAYS_INLINE int32_t hmax(vi a) {
   return m;
 }
 
+// The largest of the 16 lanes (piecewise, then by halving shuffles within a piece).
+template <int D, size_t... L>
+constexpr ni xor_mask(std::index_sequence<L...>) {
+  return ni{int(L ^ D)...};
+}
+template <int D>
+ALWAYS_INLINE nf hmax_step(nf m) {
+  if constexpr (D >= 1) {
+    constexpr ni mask = xor_mask<D>(std::make_index_sequence<NL>{});
+    const nf s = __builtin_shuffle(m, mask);
+    return hmax_step<D / 2>(m > s ? m : s);
+  } else {
+    return m;
+  }
+}
+ALWAYS_INLINE float hmax_f(const vf& a) {
+  nf m = a.p[0];
+  for (int k = 1; k < PIECES; ++k) m = m > a.p[k] ? m : a.p[k];
+  return hmax_step<NL / 2>(m)[0];
+}
+
 ALWAYS_INLINE vf vsqrt(vf a) {
 #if defined(__AVX512F__)
   return vf{{(nf)_mm512_sqrt_ps((__m512)a.p[0])}};
@@ -533,35 +554,44 @@ void run(const T* x, const Args& p, uint8_t* packed, uint8_t* scales, T* out, fl
     vf am = splat(0.0f);
     vi nb = splati(0);
     int64_t ntrips = 0;
-    vf X[BS], Xa[BS], Wn[BS];
+    vf Xa[BS], Wn[BS];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b0 = t * BS;
       const int n = int(p.nblocks - b0 < BS ? p.nblocks - b0 : BS);
-      for (int j = 0; j < BS; ++j) {
-        if (j < n) {
-          X[j] = load16(x + (b0 + j) * BS);
-          Xa[j] = vabs(X[j]);
-          const vi finite = le(Xa[j], std::numeric_limits<float>::max());
-          nb += finite + 1;  // -1 + 1 where finite
-          am = vmax(am, Xa[j]);
-        } else {
-          X[j] = Xa[j] = splat(0.0f);
-        }
-      }
       vi code;
       if (p.method == 0) {
-        vf T_[BS];
-        for (int j = 0; j < BS; ++j) T_[j] = Xa[j];
-        transpose16(T_);
-        vf bm = T_[0];
-        for (int i = 1; i < BS; ++i) bm = vmax(bm, T_[i]);
-        code = absmax_code_v(bm, splat(p.g));
-      } else if (p.method == 1) {
+        // AbsMax needs only each block's max: reduced across the block's lanes here,
+        // instead of keeping the tile and transposing it (memory traffic, not math,
+        // bounded this path). max is exact, so the order does not matter.
+        float bm[BS];
+        for (int j = 0; j < BS; ++j) {
+          if (j < n) {
+            const vf xa = vabs(load16(x + (b0 + j) * BS));
+            nb += le(xa, std::numeric_limits<float>::max()) + 1;  // -1 + 1 where finite
+            am = vmax(am, xa);
+            bm[j] = hmax_f(xa);
+          } else {
+            bm[j] = 0.0f;
+          }
+        }
+        code = absmax_code_v(load16(bm), splat(p.g));
+      } else {
+        for (int j = 0; j < BS; ++j) {
+          if (j < n) {
+            Xa[j] = vabs(load16(x + (b0 + j) * BS));
+            nb += le(Xa[j], std::numeric_limits<float>::max()) + 1;
+            am = vmax(am, Xa[j]);
+          } else {
+            Xa[j] = splat(0.0f);
+          }
+        }
+      }
+      if (p.method == 1) {
         code = sweep_tile<false>(Xa, Wn, p, ntrips);
       } else if (p.method == 3) {
         code = four_over_six_tile(Xa, p.g);
         ntrips += 2;
-      } else {
+      } else if (p.method == 2) {
         for (int j = 0; j < BS; ++j) {
           if (j < n) {
             const int64_t b = b0 + j;
@@ -578,10 +608,11 @@ void run(const T* x, const Args& p, uint8_t* packed, uint8_t* scales, T* out, fl
       const vf sc = vals / p.g;
       for (int j = 0; j < n; ++j) {
         const int64_t b = b0 + j;
+        const vf xv = load16(x + b * BS);  // again: in L1, cheaper than keeping the tile
         if (p.fake) {
-          emit_block<T>(X[j], inv[j], sc[j], nullptr, out + b * BS);
+          emit_block<T>(xv, inv[j], sc[j], nullptr, out + b * BS);
         } else {
-          emit_block<T>(X[j], inv[j], sc[j], packed + b * (BS / 2), static_cast<T*>(nullptr));
+          emit_block<T>(xv, inv[j], sc[j], packed + b * (BS / 2), static_cast<T*>(nullptr));
           scales[b] = uint8_t(code[j]);
         }
       }
