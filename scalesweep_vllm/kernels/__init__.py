@@ -1,7 +1,9 @@
 """Kernel dispatch: one entry point per operation.
 
-Triton kernels on CUDA tensors, the torch reference (:mod:`scalesweep_vllm.sweep`)
-elsewhere. Every Triton kernel is tested bit for bit against the reference.
+Triton kernels on CUDA tensors, the C++ CPU backend (:mod:`.cpu_backend`, built per
+instruction-set level by :mod:`.cpu_build`) on CPU tensors, the torch reference
+(:mod:`scalesweep_vllm.sweep`) elsewhere. Every kernel is tested bit for bit against
+the reference.
 
 API (stable; the offline quantizer and the vLLM plugin call only these):
 
@@ -17,8 +19,9 @@ vector of length K, a per-head [H, K] weight for x [..., H, K], or anything else
 broadcasts to x's trailing dims; the torch path takes any broadcastable weight).
 The Triton path checks shapes only; NaN/Inf inputs and the global scale's range are
 checked by the torch reference alone (the kernels never synchronize with the host).
-``backend``: "auto" (Triton on CUDA, torch otherwise) | "torch" | "triton"
-("triton" on CPU tensors needs ``TRITON_INTERPRET=1``; used by the CPU tests).
+``backend``: "auto" (Triton on CUDA, C++ on CPU when it built, torch otherwise) |
+"torch" | "triton" | "cpu" ("triton" on CPU tensors needs ``TRITON_INTERPRET=1``; used
+by the CPU tests).
 """
 
 from __future__ import annotations
