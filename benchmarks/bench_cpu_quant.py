@@ -139,13 +139,14 @@ def main() -> None:
         if tag not in cpu_build.cpu_isas():
             raise SystemExit(f"this CPU cannot run the {tag} build ({cpu_build.cpu_isas()})")
     min_time = 0.02 if args.quick else 0.25
-    gemm_dtype = torch.bfloat16 if _bf16_units() else torch.float32
+    bf16_units = _bf16_units()
+    gemm_dtype = torch.bfloat16 if bf16_units else torch.float32
     env = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": _cpu_name(),
         "cpu_levels": cpu_build.cpu_isas(),
         "isas_timed": isas,
-        "bf16_units": _bf16_units(),
+        "bf16_units": bf16_units,
         "gemm_dtype": str(gemm_dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -154,7 +155,7 @@ def main() -> None:
     print("environment:", json.dumps(env))
     print(
         f"GEMM and activations in {env['gemm_dtype']} "
-        f"({'the CPU has bf16 units' if _bf16_units() else 'no bf16 units on this CPU'})"
+        f"({'the CPU has bf16 units' if bf16_units else 'no bf16 units on this CPU'})"
     )
     rows = []
     peaks = {}

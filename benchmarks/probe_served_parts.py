@@ -58,9 +58,9 @@ served = torch.tensor(
 on = {"activations": "a" in parts, "kv_cache": "kv" in parts, "query": "q" in parts}
 model = reference_model(ck, dtype=torch.float32, **on)
 meas = token_nll(model, ids)
-aligned, notes = aligned_nll(model, ids, calls)
-for line in notes:
-    print("near-tie aligned:", line)
+aligned, ties = aligned_nll(model, ids, calls)
+for tie in ties:
+    print("near-tie aligned:", tie)
 for name, m in (("measured", meas), ("aligned", aligned)):
     d = (served - m).abs()
     print(

@@ -55,14 +55,18 @@ def _root(tmp_path_factory) -> Path:
     return root
 
 
+def _suffix(overrides: dict) -> str:
+    """Folder-name suffix for config overrides of the tiny model."""
+    return "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
+
+
 def tiny_model_dir(tmp_path_factory, **overrides) -> Path:
     """The tiny model (``TINY``, with ``overrides`` of its config, e.g. one KV head)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from scalesweep_vllm.quantize import assets
 
-    suffix = "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
-    out = _root(tmp_path_factory) / f"tiny-bf16{suffix}"
+    out = _root(tmp_path_factory) / f"tiny-bf16{_suffix(overrides)}"
     if not (out / "config.json").is_file():
         torch.manual_seed(0)
         model = LlamaForCausalLM(LlamaConfig(**{**TINY, **overrides})).to(torch.bfloat16)
@@ -82,7 +86,7 @@ def tiny_checkpoint(
     kw, name = {}, f"tiny-{scheme}"
     if convention is not None:
         kw, name = {"global_scale_convention": convention}, f"{name}-{convention}"
-    name += "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
+    name += _suffix(overrides)
     out = _root(tmp_path_factory) / name
     if not (out / "config.json").is_file():
         quantize_model(

@@ -26,6 +26,7 @@ back together along that dimension.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from pathlib import Path
 
@@ -93,9 +94,9 @@ def load_records(folder: str | os.PathLike) -> list[dict]:
     return [torch.load(p) for p in sorted(Path(folder).glob("*.pt"), key=key)]
 
 
-def served_by_scale(calls: list[dict]) -> dict[float, tuple[torch.Tensor, torch.Tensor]]:
-    """Per global scale, the served inputs and outputs with one row per token (in the
-    engine's order), the ranks' slices put back together."""
+def served_by_scale(calls: list[dict]) -> dict[float, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Per global scale, each rank's served inputs and outputs with one row per token
+    (in the engine's order), ranks in order (:func:`_whole` puts them together)."""
     by: dict[float, dict[int, list]] = {}
     for c in calls:
         by.setdefault(c["g"], {}).setdefault(c.get("rank", 0), []).append(c)
@@ -120,15 +121,32 @@ def _whole(pieces, tail: tuple[int, ...]):
     return torch.cat(xs, 1), torch.cat(ys, 1)
 
 
+@dataclasses.dataclass(frozen=True)
+class Tie:
+    """One aligned near-tie: its window, quantizer (global scale), how many output
+    elements took the served value, and the largest input difference there."""
+
+    window: int
+    g: float
+    elements: int
+    dx: float
+
+    def __str__(self) -> str:
+        return f"window {self.window} G={self.g:.6g}: {self.elements} elements, |dx| {self.dx:.1e}"
+
+    __repr__ = __str__
+
+
 class Aligner:
     """Patches ``kernels.fake_quantize`` for the evaluation's forward of one window at a
     time (``window`` = index of its rows in the served order, ``rows`` tokens each)."""
 
     def __init__(self, calls: list[dict], rows: int):
         self.served = served_by_scale(calls)
+        self.whole: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}  # per scale, once
         self.rows = rows
         self.window = 0
-        self.notes: list[str] = []
+        self.ties: list[Tie] = []
 
     def __enter__(self):
         kernels.fake_quantize = self._call
@@ -142,9 +160,10 @@ class Aligner:
         g = float(global_scale)
         if g not in self.served:
             raise AssertionError(f"the engine never quantized with global scale {g:.9g}")
-        nd = self.served[g][0][0].dim() - 1  # trailing dims: features, or (heads, D)
-        tail = tuple(x.shape[-nd:])
-        sx, sy = _whole(self.served[g], tail)
+        if g not in self.whole:
+            nd = self.served[g][0][0].dim() - 1  # trailing dims: features, or (heads, D)
+            self.whole[g] = _whole(self.served[g], tuple(x.shape[-nd:]))
+        sx, sy = self.whole[g]
         n = x.numel() // sx[0].numel()
         if sx.shape[0] < (self.window + 1) * self.rows or n != self.rows:
             raise AssertionError(
@@ -163,16 +182,14 @@ class Aligner:
                 f"window {self.window}, G={g:.9g}: served output differs beyond a near-tie "
                 f"(input |dx| {dx:.2e})"
             )
-        self.notes.append(
-            f"window {self.window} G={g:.6g}: {int((sy != y).sum())} elements, |dx| {dx:.1e}"
-        )
+        self.ties.append(Tie(self.window, g, int((sy != y).sum()), dx))
         return torch.where(sy != y, sy, y)
 
 
 @torch.no_grad()
-def aligned_nll(model, ids: torch.Tensor, calls: list[dict]) -> tuple[torch.Tensor, list[str]]:
+def aligned_nll(model, ids: torch.Tensor, calls: list[dict]) -> tuple[torch.Tensor, list[Tie]]:
     """Per-token NLL of ``ids`` [windows, T] from the evaluation's ``model``, with the
-    served quantizer outputs at near-ties; and the notes on what was aligned."""
+    served quantizer outputs at near-ties; and the near-ties aligned."""
     from scalesweep_vllm.evaluate.metrics import token_nll
 
     al = Aligner(calls, ids.shape[1])
@@ -181,4 +198,4 @@ def aligned_nll(model, ids: torch.Tensor, calls: list[dict]) -> tuple[torch.Tens
         for w in range(ids.shape[0]):
             al.window = w
             out.append(token_nll(model, ids[w : w + 1])[0])
-    return torch.stack(out), al.notes
+    return torch.stack(out), al.ties

@@ -103,35 +103,31 @@ def served(checkpoints, ids, tmp_path_factory, model: str, tp: int):
     ranks = sorted({c["rank"] for c in calls})
     assert ranks == list(range(tp)), ranks  # every rank quantized (and was recorded)
     model_ref = reference_model(ck, dtype=torch.float32)
-    aligned, notes = aligned_nll(model_ref, ids, calls)
-    _RUNS[key] = (nll, calls, aligned, notes)
+    aligned, ties = aligned_nll(model_ref, ids, calls)
+    _RUNS[key] = (nll, calls, aligned, ties)
     return _RUNS[key]
-
-
-def _windows_with_ties(notes) -> set[int]:
-    return {int(n.split()[1].rstrip(",:")) for n in notes}
 
 
 @pytest.mark.parametrize(
     ("model", "tp"), [("kv-split", 2), ("kv-replicated", 2), ("kv-split", 1), ("global-256", 1)]
 )
 def test_served_equals_the_evaluation(model, tp, checkpoints, ids, tmp_path_factory):
-    nll, calls, aligned, notes = served(checkpoints, ids, tmp_path_factory, model, tp)
+    nll, calls, aligned, ties = served(checkpoints, ids, tmp_path_factory, model, tp)
     d = (nll - aligned).abs()
-    print(f"{model} TP={tp}: |d| mean {d.mean():.2e} max {d.max():.2e}; near-ties: {notes}")
+    print(f"{model} TP={tp}: |d| mean {d.mean():.2e} max {d.max():.2e}; near-ties: {ties}")
     assert d.max() <= FP32_NOISE
     # Aligned elements are proven near-ties (the aligner raises on anything else), and
     # rare: measured 1 element per near-tie, in 1 of 16 windows at 256, 5 of 16 at 448.
-    aligned = sum(int(n.split(": ")[1].split()[0]) for n in notes)
+    aligned = sum(t.elements for t in ties)
     total = sum(c["x"].numel() for c in calls)  # every element the engine quantized
     assert aligned <= 1e-4 * total, (aligned, total)
 
 
 @pytest.mark.parametrize("model", ["kv-split"])
 def test_tp2_equals_tp1(model, checkpoints, ids, tmp_path_factory):
-    one, _, _, notes1 = served(checkpoints, ids, tmp_path_factory, model, 1)
-    two, calls, _, notes2 = served(checkpoints, ids, tmp_path_factory, model, 2)
-    ties = _windows_with_ties(notes1) | _windows_with_ties(notes2)
+    one, _, _, ties1 = served(checkpoints, ids, tmp_path_factory, model, 1)
+    two, _, _, ties2 = served(checkpoints, ids, tmp_path_factory, model, 2)
+    ties = {t.window for t in ties1 + ties2}
     d = (one - two).abs().amax(1)
     for w in range(WINDOWS):
         if w not in ties:  # elsewhere both equal the aligned evaluation (test above)
@@ -142,11 +138,9 @@ def test_tp2_equals_tp1(model, checkpoints, ids, tmp_path_factory):
 def test_ranks_hold_their_heads(checkpoints, ids, tmp_path_factory):
     """At TP=2 each rank quantized 2 of the 4 query heads and, with 2 KV heads, one KV
     head each; with 1 KV head both ranks hold (and quantize) the whole one."""
-    import json as js
-
     for model, kv_local in (("kv-split", 1), ("kv-replicated", 1)):
         _, calls, _, _ = served(checkpoints, ids, tmp_path_factory, model, 2)
-        meta = js.loads((checkpoints[model] / "scalesweep.json").read_text())
+        meta = json.loads((checkpoints[model] / "scalesweep.json").read_text())
         entry = next(iter(meta["attention"].values()))
         heads = {}
         for c in calls:

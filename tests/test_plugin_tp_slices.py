@@ -17,6 +17,7 @@ The engine-level TP=2 run is tests/test_plugin_tp.py.
 from __future__ import annotations
 
 import contextlib
+import json
 
 import pytest
 import torch
@@ -102,14 +103,16 @@ def tensors(ckpt):
     return out
 
 
-def _config(ckpt):
-    import json
+@pytest.fixture(scope="module")
+def hf(ckpt):
+    """The checkpoint's config.json."""
+    return json.loads((ckpt / "config.json").read_text())
 
+
+def _config(ckpt, hf):
     from scalesweep_vllm.plugin.config import ScaleSweepConfig
 
-    cfg = ScaleSweepConfig.from_config(
-        json.loads((ckpt / "config.json").read_text())["quantization_config"]
-    )
+    cfg = ScaleSweepConfig.from_config(hf["quantization_config"])
     cfg.maybe_update_config(str(ckpt))
     # what vLLM sets from LlamaForCausalLM.packed_modules_mapping before building layers
     cfg.packed_modules_mapping = {
@@ -205,11 +208,8 @@ def _expected_rows(tensors, kind, suffix, tp, rank, hf):
 
 
 @pytest.mark.parametrize("kind", ["qkv_proj", "gate_up_proj", "o_proj", "down_proj"])
-def test_packed_weights_scales_and_vectors_per_rank(kind, ckpt, tensors):
-    import json
-
-    hf = json.loads((ckpt / "config.json").read_text())
-    cfg = _config(ckpt)
+def test_packed_weights_scales_and_vectors_per_rank(kind, ckpt, tensors, hf):
+    cfg = _config(ckpt, hf)
     tp = 2
     for rank in range(tp):
         layer = _layer(kind, cfg, tp, rank, hf)
@@ -242,15 +242,12 @@ def test_packed_weights_scales_and_vectors_per_rank(kind, ckpt, tensors):
 
 
 @pytest.mark.parametrize("kind", ["o_proj", "down_proj"])
-def test_row_parallel_ranks_sum_to_the_whole(kind, ckpt, tensors):
+def test_row_parallel_ranks_sum_to_the_whole(kind, ckpt, tensors, hf):
     """Each rank quantizes its slice of the input with its vector slice; that is the
     slice of the whole input's quantization, bit for bit (blocks of 16 never straddle
     ranks), so the ranks' partial GEMMs add up to the full quantized GEMM up to the
     fp32 summation order (within each rank's GEMM and of the all-reduce's one sum)."""
-    import json
-
-    hf = json.loads((ckpt / "config.json").read_text())
-    cfg = _config(ckpt)
+    cfg = _config(ckpt, hf)
     name = f"model.layers.0.{SHARDS[kind][0][0]}"
     w = kernels.dequantize(
         tensors[f"{name}.weight_packed"],

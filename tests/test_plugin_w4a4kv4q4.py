@@ -257,12 +257,12 @@ def test_served_perplexity_equals_evaluation(ckpt, engine):
     )
     model = reference_model(ckpt, dtype=DTYPE)
     measured = token_nll(model, ids)
-    aligned, notes = aligned_nll(model, ids, calls)
+    aligned, ties = aligned_nll(model, ids, calls)
     d = (served - aligned).abs()
     ppl_s, ppl_m = math.exp(served.mean()), math.exp(measured.mean())
     print(
         f"served ppl {ppl_s:.4f}, measured {ppl_m:.4f}; aligned |dnll| mean {d.mean():.2e} "
-        f"max {d.max():.2e}; near-ties aligned: {notes}"
+        f"max {d.max():.2e}; near-ties aligned: {ties}"
     )
     assert d.max() <= FP32_NOISE
-    assert len(notes) <= 2  # rare (measured: one window in 16 at this global scale)
+    assert len(ties) <= 2  # rare (measured: one window in 16 at this global scale)
