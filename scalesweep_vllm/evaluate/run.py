@@ -31,9 +31,11 @@ __all__ = [
     "quantize_recipe",
     "score_base",
     "score_checkpoint",
+    "compute_dtype",
 ]
 
 RECIPES = ("bf16", "absmax", "four_over_six", "mse", "wmse")
+DTYPES = ("auto", "bfloat16", "float32")
 SETTINGS = ("W4A16", "W4A4", "W4A4KV4", "W4A4KV4Q4")
 DEFAULT_TOKENS = 65536
 DEFAULT_SEQ_LEN = 512
@@ -48,8 +50,11 @@ def quantize_recipe(
     calib=None,
     num_samples: int | None = None,
     seq_len: int | None = None,
+    gptq: bool = False,
 ) -> Checkpoint:
-    """The recipe quantized in memory by the offline quantizer (its defaults otherwise)."""
+    """The recipe quantized in memory by the offline quantizer (its defaults otherwise);
+    ``gptq``: GPTQ error feedback on the recipe's block scales (the quantizer's
+    ``--gptq``)."""
     from ..quantize import pipeline
 
     if recipe not in RECIPES or recipe == "bf16":
@@ -69,9 +74,26 @@ def quantize_recipe(
         global_scale_convention=convention,
         progress=progress,
         in_memory=True,
+        gptq=gptq,
         **kw,
     )
-    return Checkpoint.from_contents(rep["checkpoint"], f"{recipe}/{convention} (in memory)")
+    tag = f"{recipe}{'+gptq' if gptq else ''}/{convention}"
+    return Checkpoint.from_contents(rep["checkpoint"], f"{tag} (in memory)")
+
+
+def compute_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
+    """``bfloat16``, ``float32``, or ``auto``: bfloat16 on a GPU or on a CPU with bf16
+    units (AVX512_BF16 / AMX), float32 otherwise (there torch emulates bf16 GEMMs
+    10-100x slower; the weights are the same bf16 values, computed in fp32)."""
+    if name == "auto":
+        from ..kernels import cpu_build
+
+        if torch.device(device).type != "cpu" or cpu_build.bf16_units():
+            return torch.bfloat16
+        return torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r}: choose one of {DTYPES}")
+    return getattr(torch, name)
 
 
 def _environment(device) -> dict:
@@ -89,28 +111,40 @@ def _environment(device) -> dict:
 
 @dataclass
 class Context:
-    """What every evaluation of one base model shares: tokens and the BF16 reference."""
+    """What every evaluation of one base model shares: the held-out tokens and the BF16
+    reference (None when ``tokens=0``), the tasks and their BF16 results."""
 
     model_dir: Path
-    ids: torch.Tensor
-    ref: metrics.Reference
+    ids: torch.Tensor | None
+    ref: metrics.Reference | None
     device: torch.device
     batch_size: int = 2
     progress: bool = True
     dtype: torch.dtype = torch.bfloat16
     base: object = None  # the BF16 model (kept only until a quantized one is built)
+    tokenizer: object = None
+    tasks: tuple[str, ...] = ()
+    tasks_limit: int | None = None
+    task_base: dict | None = None  # BF16 results per task
 
     def header(self) -> dict:
-        return {
+        out = {
             "model": str(self.model_dir),
-            "tokens": int(self.ids.numel()),
-            "windows": int(self.ids.shape[0]),
-            "seq_len": int(self.ids.shape[1]),
-            "positions": int(self.ref.nll.numel()),
-            "environment": _environment(self.device),
-            "bf16": metrics.summarize(self.ref.nll),
-            "bf16_seconds": self.ref.seconds,
+            "environment": {**_environment(self.device), "dtype": str(self.dtype)},
         }
+        if self.ref is not None:
+            out.update(
+                tokens=int(self.ids.numel()),
+                windows=int(self.ids.shape[0]),
+                seq_len=int(self.ids.shape[1]),
+                positions=int(self.ref.nll.numel()),
+                bf16=metrics.summarize(self.ref.nll),
+                bf16_seconds=self.ref.seconds,
+            )
+        if self.tasks:
+            out["tasks"] = {"names": list(self.tasks), "limit": self.tasks_limit}
+            out["bf16_tasks"] = self.task_base
+        return out
 
 
 def prepare(
@@ -122,28 +156,65 @@ def prepare(
     progress: bool = True,
     cache: Path | None = None,
     texts: list[str] | None = None,
+    dtype: str = "auto",
+    tasks: list[str] | None = None,
+    tasks_limit: int | None = None,
 ) -> Context:
-    """Tokenize the held-out text and get the BF16 reference (cached)."""
+    """Tokenize the held-out text and get the BF16 reference (cached); with ``tasks``,
+    the BF16 model's task results (cached too). ``tokens=0``: tasks only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..quantize import assets
     from ..quantize.pipeline import resolve_model_dir
+    from . import zeroshot
+    from .tasks import parse_tasks
 
+    names = tuple(parse_tasks(tasks))
+    if tokens <= 0 and not names:
+        raise ValueError("nothing to evaluate: tokens is 0 and no tasks were given")
     dev = torch.device(device)
+    dt = compute_dtype(dtype, dev)
     model_dir = resolve_model_dir(model)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    ids = metrics.evaluation_tokens(tok, tokens, seq_len, texts)
-    dtype = torch.bfloat16
-    key = metrics.model_key(model_dir, ids, dtype)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval().to(dev)
-    ref = metrics.reference(base, ids, key, cache, batch_size, progress, dev)
-    return Context(model_dir, ids, ref, dev, batch_size, progress, dtype, base)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dt).eval().to(dev)
+    root = Path(cache) if cache is not None else assets.cache_dir() / "eval"
+    ids = ref = None
+    if tokens > 0:
+        ids = metrics.evaluation_tokens(tok, tokens, seq_len, texts)
+        key = metrics.model_key(model_dir, ids, dt)
+        ref = metrics.reference(base, ids, key, root, batch_size, progress, dev)
+    ctx = Context(model_dir, ids, ref, dev, batch_size, progress, dt, base, tok, names)
+    if names:
+        ctx.tasks_limit = tasks_limit
+        ctx.task_base = zeroshot.run_tasks(
+            base, tok, list(names), tasks_limit, dev, progress, "BF16", root / "tasks", model_dir
+        )
+    return ctx
+
+
+def _score(ctx: Context, model, label: str) -> dict:
+    """KLD measures (when the context has text) and task results (when it has tasks)."""
+    from . import zeroshot
+
+    row: dict = {}
+    seconds = 0.0
+    if ctx.ref is not None:
+        res = metrics.score(model, ctx.ref, ctx.batch_size, ctx.progress, ctx.device, label)
+        row.update(metrics.summarize(res["nll"], res["kld"], res["agree"]))
+        seconds += res["seconds"]
+    if ctx.tasks:
+        tr = zeroshot.run_tasks(
+            model, ctx.tokenizer, list(ctx.tasks), ctx.tasks_limit, ctx.device, ctx.progress, label
+        )
+        seconds += sum(r["seconds"] for r in tr.values())
+        row["tasks"] = tr
+        row["recovery"] = zeroshot.compare(tr, ctx.task_base)
+    return {"seconds": seconds, **row}
 
 
 def score_base(ctx: Context) -> dict:
     """The BF16 model itself against its cached reference (KLD exactly 0)."""
-    res = metrics.score(ctx.base, ctx.ref, ctx.batch_size, ctx.progress, ctx.device, "BF16")
-    row = metrics.summarize(res["nll"], res["kld"], res["agree"])
-    return {"setting": "BF16", "seconds": res["seconds"], **row}
+    return {"setting": "BF16", **_score(ctx, ctx.base, "BF16")}
 
 
 def score_checkpoint(
@@ -153,13 +224,10 @@ def score_checkpoint(
     rs = runtime_settings(ckpt, setting, runtime_method)
     ctx.base = None
     qmodel = build_model(ckpt, rs, ctx.dtype, ctx.device)
-    res = metrics.score(qmodel, ctx.ref, ctx.batch_size, ctx.progress, ctx.device, rs.label())
-    row = metrics.summarize(res["nll"], res["kld"], res["agree"])
     return {
         "setting": setting or rs.label(),
         "runtime": {"activations": rs.activations, "kv_cache": rs.kv_cache, "query": rs.query},
-        "seconds": res["seconds"],
-        **row,
+        **_score(ctx, qmodel, rs.label()),
     }
 
 
@@ -180,12 +248,30 @@ def evaluate(
     num_samples: int | None = None,
     calib_seq_len: int | None = None,
     texts: list[str] | None = None,
+    gptq: bool = False,
+    dtype: str = "auto",
+    tasks: list[str] | None = None,
+    tasks_limit: int | None = None,
 ) -> dict:
-    """Evaluate ``recipe`` (quantized in memory) or ``checkpoint`` against the BF16
-    ``model`` (default: the default SmolLM2); see :mod:`.metrics` for the measures.
-    ``recipe="bf16"`` (or neither given) scores the base model itself against the
-    cached reference (KLD 0)."""
-    ctx = prepare(model, tokens, seq_len, batch_size, device, progress, cache, texts)
+    """Evaluate ``recipe`` (quantized in memory, with GPTQ when ``gptq``) or
+    ``checkpoint`` against the BF16 ``model`` (default: the default SmolLM2); see
+    :mod:`.metrics` for the text measures and :mod:`.zeroshot` for the tasks.
+    ``recipe="bf16"`` (or neither given) scores the base model itself."""
+    if gptq and recipe in (None, "bf16"):
+        raise ValueError("gptq needs a recipe (absmax, four_over_six, mse or wmse)")
+    ctx = prepare(
+        model,
+        tokens,
+        seq_len,
+        batch_size,
+        device,
+        progress,
+        cache,
+        texts,
+        dtype,
+        tasks,
+        tasks_limit,
+    )
     out = {**ctx.header(), "runs": []}
     if checkpoint is None and recipe in (None, "bf16"):
         out["source"] = {"recipe": "bf16"}
@@ -204,8 +290,9 @@ def evaluate(
             calib,
             num_samples,
             calib_seq_len,
+            gptq,
         )
-        out["source"] = {"recipe": recipe, "global_scale": global_scale}
+        out["source"] = {"recipe": recipe, "global_scale": global_scale, "gptq": gptq}
     if ckpt.meta is not None:
         out["source"]["calibration"] = ckpt.meta.get("calibration")
     for setting in settings or [None]:
