@@ -116,24 +116,63 @@ def test_encode_pair_moves_trailing_spaces(tok):
     assert ctx + cont == tok("Answer: yes", add_special_tokens=False)["input_ids"]
 
 
-def test_batched_loglikelihoods_equal_one_at_a_time(tiny):
-    """Right padding without a mask is exact (causal attention, per-token runtime
-    quantization): the batched scores equal single forwards of each request."""
+def _pairs(seed: int = 0):
+    """Items of 1-4 choices sharing a context, and lone requests, of mixed lengths."""
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for n_ctx, n_choices in ((3, 4), (17, 1), (9, 2), (1, 3), (30, 1), (12, 4), (5, 2)):
+        ctx = torch.randint(0, 1000, (n_ctx,), generator=g).tolist()
+        for _ in range(n_choices):
+            n = int(torch.randint(1, 7, (), generator=g))
+            pairs.append((ctx, torch.randint(0, 1000, (n,), generator=g).tolist()))
+    return pairs
+
+
+def _one_at_a_time(model, pairs):
+    out = []
+    for ctx, cont in pairs:
+        ids = torch.tensor([ctx + cont])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(ids, use_cache=False).logits[0].double(), -1)
+        out.append(sum(float(lp[i - 1, ids[0, i]]) for i in range(len(ctx), ids.shape[1])))
+    return out
+
+
+@pytest.mark.parametrize("budget", [16, 64, 4096])
+def test_packed_loglikelihoods_equal_one_at_a_time(tiny, budget):
+    """Choices sharing a context in one row under a mask, rows right-padded: each score
+    equals a lone forward of ``ctx + cont`` (float32, up to GEMM rounding)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
-    g = torch.Generator().manual_seed(0)
-    pairs = []
-    for n in (3, 17, 9, 1, 30, 12):
-        ids = torch.randint(0, 1000, (n + 4,), generator=g).tolist()
-        pairs.append((ids[:n], ids[n:]))
+    pairs = _pairs()
+    got = zeroshot.loglikelihoods(model, pairs, budget=budget, progress=False)
+    assert got == pytest.approx(_one_at_a_time(model, pairs), abs=1e-4)
+
+
+def test_packed_loglikelihoods_through_the_quantized_forward(tmp_path_factory):
+    """The same through W4A4KV4Q4 (activations, K, V, Q quantized per token): the other
+    choices and the padding do not reach a token. A flip of a 4-bit rounding by GEMM
+    rounding would move a score by far more than the tolerance."""
+    from plugin_support import tiny_checkpoint
+
+    from scalesweep_vllm.evaluate import Checkpoint, build_model
+
+    ckpt = Checkpoint.from_dir(tiny_checkpoint(tmp_path_factory, "W4A4KV4Q4"))
+    model = build_model(ckpt, dtype=torch.float32)
+    pairs = _pairs(1)
     got = zeroshot.loglikelihoods(model, pairs, budget=64, progress=False)
-    for (ctx, cont), x in zip(pairs, got, strict=True):
-        ids = torch.tensor([ctx + cont])
-        with torch.no_grad():
-            lp = torch.log_softmax(model(ids).logits[0].double(), -1)
-        want = sum(float(lp[i - 1, ids[0, i]]) for i in range(len(ctx), ids.shape[1]))
-        assert x == pytest.approx(want, abs=1e-4)
+    assert got == pytest.approx(_one_at_a_time(model, pairs), abs=1e-3)
+
+
+def test_requests_are_checked():
+    with pytest.raises(ValueError, match="empty"):
+        zeroshot._packs([([], [1])], 8)
+    with pytest.raises(ValueError, match="exceeds the window"):
+        zeroshot._packs([([1], list(range(9)))], 8)
+    # a long context is cut on the left to the window, as lm-eval cuts it
+    (p,) = zeroshot._packs([(list(range(20)), [7, 8])], 8)
+    assert p.ctx == list(range(13, 20)) and len(p) == 8
 
 
 def _item(gold, lengths):

@@ -7,10 +7,13 @@ continuation's tokens are ``whole[len(ctx):]``; the model reads
 ``(ctx + cont)[-(max_len + 1):][:-1]`` and the request's score is the sum of the log
 probabilities of the continuation's tokens.
 
-Batching: requests sorted by length (longest first), right-padded, no attention
-mask. That is exact, not an approximation: attention is causal and every runtime
-quantizer (activations, K, V, Q) works per token with static global scales, so the
-padding after a sequence cannot reach its positions.
+Batching: the choices of an item share one forward of their context (a row
+``ctx | cont_1 | cont_2 ...`` whose attention mask lets each continuation see the
+context and itself, positions restarting after the context); rows sorted by length
+and right-padded. This computes what each ``ctx + cont`` alone computes: attention
+is masked exactly, and every runtime quantizer (activations, K, V, Q) works per token
+with static global scales, so neither the other choices nor the padding reach a
+token. Only GEMM rounding can differ from a one-request forward (the tests bound it).
 
 Each task reports ``acc`` and ``acc_norm`` with lm-eval's standard error
 (``sample std / sqrt(n)``) and, per item, whether each was right (for paired
@@ -24,6 +27,7 @@ import hashlib
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,7 +44,7 @@ __all__ = [
     "score_items",
 ]
 
-SCORING_VERSION = 1
+SCORING_VERSION = 2
 TOKEN_BUDGET = 4096  # tokens per forward (padded), the batch size of the task pass
 
 
@@ -59,6 +63,65 @@ def _max_len(model) -> int:
     return int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
 
 
+@dataclass
+class _Pack:
+    """One row of a batch: a context shared by several continuations. Layout
+    ``ctx | cont_1[:-1] | cont_2[:-1] | ...``; continuation ``k`` attends to the context
+    and to itself only, and its positions restart after the context, so each one
+    computes exactly what ``ctx + cont_k`` alone computes."""
+
+    ctx: list[int]
+    conts: list[list[int]]
+    owners: list[int]  # request index of each continuation
+
+    def __len__(self) -> int:
+        return len(self.ctx) + sum(len(c) - 1 for c in self.conts)
+
+
+def _packs(pairs: list[tuple[list[int], list[int]]], max_len: int) -> list[_Pack]:
+    """Consecutive requests with the same context ids share a pack (a multiple-choice
+    item) while it fits the model's window; a request longer than the window is
+    truncated on the left, as lm-eval does."""
+    out: list[_Pack] = []
+    for i, (ctx, cont) in enumerate(pairs):
+        if not ctx or not cont:
+            raise ValueError("a request with an empty context or continuation")
+        if len(cont) > max_len:
+            raise ValueError(f"a continuation of {len(cont)} tokens exceeds the window")
+        if out and out[-1].ctx == ctx and len(out[-1]) + len(cont) - 1 <= max_len:
+            out[-1].conts.append(cont)
+            out[-1].owners.append(i)
+            continue
+        keep = max_len + 1 - len(cont)  # lm-eval: (ctx + cont)[-(max_len + 1):]
+        out.append(_Pack(list(ctx[-keep:]), [cont], [i]))
+    return out
+
+
+def _batch(rows: list[_Pack]):
+    """Token ids, position ids and the boolean attention mask ``[B, 1, T, T]`` of a
+    right-padded batch of packs. Padding attends to itself (and the context), so no row
+    of the mask is empty; no real token attends to padding."""
+    width = max(len(p) for p in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.int64)
+    pos = torch.zeros(len(rows), width, dtype=torch.int64)
+    seg = torch.full((len(rows), width), -1, dtype=torch.int64)
+    for r, p in enumerate(rows):
+        c = len(p.ctx)
+        ids[r, :c] = torch.tensor(p.ctx)
+        pos[r, :c] = torch.arange(c)
+        seg[r, :c] = 0
+        at = c
+        for k, cont in enumerate(p.conts, start=1):
+            n = len(cont) - 1
+            ids[r, at : at + n] = torch.tensor(cont[:-1], dtype=torch.int64)
+            pos[r, at : at + n] = torch.arange(c, c + n)
+            seg[r, at : at + n] = k
+            at += n
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = (seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0)
+    return ids, pos, (allowed & causal)[:, None]
+
+
 @torch.no_grad()
 def loglikelihoods(
     model,
@@ -68,40 +131,44 @@ def loglikelihoods(
     progress: bool = True,
     desc: str = "tasks",
 ) -> list[float]:
-    """``sum log p(cont | ctx)`` (float64) of each ``(ctx ids, cont ids)`` pair."""
-    max_len = _max_len(model)
-    seqs = []
-    for ctx, cont in pairs:
-        if not cont:
-            raise ValueError("a request with an empty continuation")
-        inp = (ctx + cont)[-(max_len + 1) :][:-1]
-        seqs.append((inp, len(cont), cont))
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
+    """``sum log p(cont | ctx)`` (float64) of each ``(ctx ids, cont ids)`` pair; the
+    choices of one item share one forward of their context (:class:`_Pack`)."""
+    packs = _packs(pairs, _max_len(model))
+    order = sorted(range(len(packs)), key=lambda i: -len(packs[i]))
     batches, cur = [], []
     for i in order:
-        width = len(seqs[cur[0]][0]) if cur else len(seqs[i][0])
+        width = len(packs[cur[0]]) if cur else len(packs[i])
         if cur and (len(cur) + 1) * width > budget:
             batches.append(cur)
             cur = []
         cur.append(i)
     if cur:
         batches.append(cur)
-    out = [0.0] * len(seqs)
+    out = [0.0] * len(pairs)
     it = batches
     if progress:
         from tqdm.auto import tqdm
 
         it = tqdm(batches, desc=desc, unit="batch")
     for b in it:
-        width = len(seqs[b[0]][0])
-        ids = torch.zeros(len(b), width, dtype=torch.int64)
-        for r, i in enumerate(b):
-            ids[r, : len(seqs[i][0])] = torch.tensor(seqs[i][0])
-        logits = model(input_ids=ids.to(device), use_cache=False).logits
-        for r, i in enumerate(b):
-            inp, n, cont = seqs[i]
-            lp = torch.log_softmax(logits[r, len(inp) - n : len(inp)].double(), dim=-1)
-            out[i] = float(lp.gather(-1, torch.tensor(cont)[:, None].to(lp.device)).sum())
+        rows = [packs[i] for i in b]
+        ids, pos, mask = _batch(rows)
+        dev = torch.device(device)
+        logits = model(
+            input_ids=ids.to(dev),
+            position_ids=pos.to(dev),
+            attention_mask=mask.to(dev),
+            use_cache=False,
+        ).logits
+        for r, p in enumerate(rows):
+            c, at = len(p.ctx), len(p.ctx)
+            for cont, owner in zip(p.conts, p.owners, strict=True):
+                n = len(cont) - 1
+                where = torch.tensor([c - 1, *range(at, at + n)], device=logits.device)
+                lp = torch.log_softmax(logits[r, where].double(), dim=-1)
+                tgt = torch.tensor(cont, device=lp.device)[:, None]
+                out[owner] = float(lp.gather(-1, tgt).sum())
+                at += n
         del logits
     return out
 
