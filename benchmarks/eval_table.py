@@ -81,10 +81,15 @@ def run(args) -> None:
     path = Path(args.json)
     data = json.loads(path.read_text()) if path.is_file() else {"rows": []}
     done = {r["key"] for r in data["rows"]}
-    ctx = prepare(None, args.tokens, args.seq_len, args.batch_size, "cpu", not args.quiet)
+    ctx = prepare(
+        None, args.tokens, args.seq_len, args.batch_size, "cpu", not args.quiet, dtype=args.dtype
+    )
     header = ctx.header()
     if data.get("header") and data["header"]["tokens"] != header["tokens"]:
         raise SystemExit(f"{path} holds a {data['header']['tokens']}-token table; use another")
+    old_dtype = data.get("header", {}).get("environment", {}).get("dtype", "torch.bfloat16")
+    if data.get("header") and old_dtype != header["environment"]["dtype"]:
+        raise SystemExit(f"{path} was computed in {old_dtype}; use another file or --dtype")
     data["header"] = header
     data["command"] = "python benchmarks/eval_table.py " + " ".join(sys.argv[1:])
     path.write_text(json.dumps(data, indent=1) + "\n")
@@ -305,6 +310,7 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dtype", default="auto", help="auto: bf16 where the CPU has bf16 units")
     p.add_argument("--peers", nargs="*", default=[], help="peer checkpoint folders")
     p.add_argument("--conventions", nargs="*", default=list(CONVENTIONS))
     p.add_argument("--only", nargs="*", help="run only jobs whose key contains one of these")
