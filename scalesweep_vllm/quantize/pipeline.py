@@ -52,16 +52,24 @@ _O_PROJ_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo")
 
 
 def resolve_model_dir(model: str | Path | None) -> Path:
-    """The model folder to load: ``model``, the default model (None), or a GGUF
-    file converted once into the cache; checked by :func:`preflight.check_model_folder`.
-    FileNotFoundError for a missing path, ValueError for anything unloadable."""
+    """The model folder to load: ``model``, the default model (None), a GGUF file
+    converted once into the cache, or a registered name (:data:`assets.MODELS`, e.g.
+    ``qwen2.5-coder-1.5b``; an existing path of the same name wins); checked by
+    :func:`preflight.check_model_folder`. FileNotFoundError for a missing path or a
+    name not set up yet (it names ``bash scripts/setup-model.sh NAME``), ValueError for
+    anything unloadable."""
     from . import assets
 
     if model is None:
         return assets.default_model_dir()
     path = Path(model).expanduser()
+    if not path.exists() and str(model) in assets.MODELS:
+        path = assets.model_dir(str(model))
     if not path.exists():
-        raise FileNotFoundError(f"model directory {path} does not exist")
+        raise FileNotFoundError(
+            f"model directory {path} does not exist (nor is it a registered model name: "
+            f"{', '.join(assets.MODELS)})"
+        )
     preflight.check_model_folder(path)
     if path.is_file():
         return assets.convert_gguf(path)
