@@ -345,7 +345,8 @@ def plot(header, rows, path) -> None:
             ax.bar([k + i * width for k in range(len(SETTINGS))], ys, width, label=name)
         ax.set_xticks([k + 0.4 - width / 2 for k in range(len(SETTINGS))], SETTINGS)
     axes[0].set_ylabel("mean zero-shot task recovery vs BF16")
-    axes[0].set_ylim(0.8, 1.05)
+    recs = [r["recovery"]["mean_recovery"] for r in rows if "recovery" in r]
+    axes[0].set_ylim(0.8, max([1.05, *recs]) + 0.02)
     axes[0].axhline(1.0, color="k", lw=0.5)
     axes[1].set_ylabel("mean KL divergence to BF16 (nats/token)")
     axes[0].legend(fontsize=7)
