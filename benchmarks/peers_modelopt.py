@@ -15,8 +15,9 @@ Recipes (W4A4: NVFP4 weights and NVFP4 dynamic-block inputs, so the export has
   (``algorithm: {method: mse, fp8_scale_sweep: true}``).
 * ``modelopt-nvfp4-local-hessian``: ``.../nvfp4_w4a4_weight_local_hessian``.
 * ``modelopt-nvfp4-gptq``: ``general/ptq/nvfp4_default-kv_none-gptq`` (layerwise GPTQ,
-  which max-calibrates scales first; 0.47 has no Local-Hessian + GPTQ), with its
-  ``layerwise.checkpoint_dir`` (resume files) set to None.
+  which max-calibrates scales first; 0.47 has no Local-Hessian + GPTQ), its
+  ``layerwise.checkpoint_dir`` (per-layer resume files) at ``<out>/<name>.layerwise_ckpts``:
+  a killed run resumes from its last finished layer; removed after the export.
 
 The forward loop feeds each calibration row alone (batch 1, ``use_cache=False``: the
 layerwise GPTQ replays layers with a cleared KV cache). One torch thread.
@@ -65,7 +66,7 @@ RECIPES = {
     },
     "modelopt-nvfp4-gptq": {
         "recipe": "general/ptq/nvfp4_default-kv_none-gptq",
-        "overrides": ["quantize.algorithm.layerwise.checkpoint_dir=null"],
+        "layerwise_checkpoint_dir": True,  # <out>/<name>.layerwise_ckpts
     },
 }
 TOKENIZER_FILES = (
@@ -332,7 +333,7 @@ def _verify_cases(g, fp8_vals):
 # --------------------------------------------------------------------------- the run
 
 
-def _config(spec: dict) -> dict:
+def _config(spec: dict, overrides: list[str]) -> dict:
     """The QuantizeConfig dict ModelOpt itself builds from the preset / recipe file."""
     if "preset" in spec:
         from modelopt.torch.quantization.config import _load_quantize_config_dict
@@ -340,8 +341,18 @@ def _config(spec: dict) -> dict:
         return _load_quantize_config_dict(spec["preset"])
     from modelopt.recipe import load_recipe
 
-    recipe = load_recipe(spec["recipe"], overrides=spec.get("overrides"))
+    recipe = load_recipe(spec["recipe"], overrides=overrides or None)
     return recipe.quantize.model_dump(exclude_unset=True)
+
+
+def _resume_layer(ckdir: Path | None) -> int:
+    """The layer ModelOpt's layerwise calibration resumes from in ``ckdir`` (0: fresh)."""
+    if ckdir is None or not ckdir.is_dir():
+        return 0
+    from modelopt.torch.quantization.utils.layerwise_calib import detect_resume_point
+
+    info = detect_resume_point(str(ckdir))
+    return info[0] if info else 0
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
@@ -394,9 +405,13 @@ def run(args) -> None:
     for name in args.recipes:
         spec = RECIPES[name]
         t0, c0 = time.perf_counter(), time.process_time()
-        cfg = None
+        cfg, ckdir, overrides = None, None, []
+        if spec.get("layerwise_checkpoint_dir"):
+            ckdir = out / f"{name}.layerwise_ckpts"
+            overrides = [f"quantize.algorithm.layerwise.checkpoint_dir={ckdir}"]
+        resumed = _resume_layer(ckdir)
         try:
-            cfg = _config(spec)
+            cfg = _config(spec, overrides)
             model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).eval()
             with torch.no_grad():
                 mtq.quantize(model, cfg, forward_loop)
@@ -406,6 +421,8 @@ def run(args) -> None:
             with torch.no_grad():
                 export_hf_checkpoint(model, export_dir=out / name)
             _copy_tokenizer(Path(args.model), out / name)
+            if ckdir is not None:
+                shutil.rmtree(ckdir, ignore_errors=True)
             status = "ok"
         except Exception as err:  # noqa: BLE001 - record exactly what failed
             t_cal = None
@@ -416,6 +433,8 @@ def run(args) -> None:
             name,
             {
                 **spec,
+                "overrides": overrides,
+                "resumed_from_layer": resumed,
                 "config": json.loads(json.dumps(cfg, default=str)) if cfg is not None else None,
                 "status": status,
                 "seconds": time.perf_counter() - t0,

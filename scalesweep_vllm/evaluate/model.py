@@ -35,6 +35,7 @@ from .. import kernels
 from ..quantize.layers import plan_model
 from ..quantize.scheme import get_scheme
 from ..runtime import RUNTIME_METHODS, Part, fused_input_weight
+from ..rope_bias import HFRope, quantize_around
 from . import modelopt
 
 __all__ = [
@@ -235,6 +236,21 @@ def _attention_parts(ckpt, settings) -> dict[str, dict[str, Part]]:
     return out
 
 
+def _rope_biases(ckpt, attn: dict[str, dict[str, Part]]) -> dict[str, dict[str, torch.Tensor]]:
+    """Per attention prefix, the q/k biases (``[H, D]`` float32, from the vectors file,
+    as the plugin reads them) of the components quantized around their rotary bias."""
+    entries = (ckpt.meta or {}).get("attention") or {}
+    out = {}
+    for prefix, parts in attn.items():
+        comps = [c for c in entries.get(prefix, {}).get("rope_bias") or () if c in parts]
+        if comps:
+            missing = [f"{prefix}.{c}_bias" for c in comps if f"{prefix}.{c}_bias" not in ckpt.vectors]
+            if missing:
+                raise ValueError(f"{ckpt.name}: rope_bias needs {missing} in the vectors file")
+            out[prefix] = {c: ckpt.vectors[f"{prefix}.{c}_bias"].float() for c in comps}
+    return out
+
+
 def install_runtime(
     model: nn.Module,
     ckpt: Checkpoint,
@@ -264,22 +280,26 @@ def install_runtime(
     if settings.kv_cache is not None or settings.query is not None:
         if not attn:
             raise ValueError(f"{ckpt.name}: K/V/Q quantization needs scalesweep.json 'attention'")
+        biases = _rope_biases(ckpt, attn)
+        rope = HFRope(model) if biases else None
         by_module = {}
         for prefix, parts in attn.items():
             for p in parts.values():
                 p.to(device)
-            by_module[id(model.get_submodule(prefix))] = parts
+            b = {c: t.to(device) for c, t in biases.get(prefix, {}).items()}
+            by_module[id(model.get_submodule(prefix))] = (parts, b)
         model._scalesweep_attention_parts = attn
-        _use_attention(model, by_module)
+        _use_attention(model, by_module, rope)
 
 
-def _per_head(part: Part, x: torch.Tensor) -> torch.Tensor:
+def _per_head(part: Part, x: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize ``[B, H, T, D]`` as vLLM lays it out (``[..., H, D]``), so the per-head
-    vector [H, D] broadcasts over trailing dims."""
-    return part(x.transpose(1, 2).contiguous()).transpose(1, 2)
+    vector [H, D] broadcasts over trailing dims; around ``offset`` ``[B, T, H, D]``
+    (:func:`scalesweep_vllm.rope_bias.quantize_around`) when given."""
+    return quantize_around(part, x.transpose(1, 2).contiguous(), offset).transpose(1, 2)
 
 
-def _use_attention(model: nn.Module, by_module: dict[int, dict[str, Part]]) -> None:
+def _use_attention(model: nn.Module, by_module: dict[int, tuple], rope: HFRope | None) -> None:
     from transformers import AttentionInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -289,11 +309,14 @@ def _use_attention(model: nn.Module, by_module: dict[int, dict[str, Part]]) -> N
     inner = ALL_ATTENTION_FUNCTIONS[base]
 
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
-        parts = by_module.get(id(module), {})
+        parts, biases = by_module.get(id(module), ({}, {}))
+        offs = {}
+        if biases:
+            offs = rope.offsets(biases, kwargs.get("position_ids"), query.shape[-1])
         if "q" in parts:
-            query = _per_head(parts["q"], query)
+            query = _per_head(parts["q"], query, offs.get("q"))
         if "k" in parts:
-            key = _per_head(parts["k"], key)
+            key = _per_head(parts["k"], key, offs.get("k"))
             value = _per_head(parts["v"], value)
         return inner(module, query, key, value, attention_mask, *args, **kwargs)
 

@@ -25,6 +25,7 @@ import logging
 import torch
 from vllm.model_executor.layers.quantization.kv_cache import BaseKVCacheMethod
 
+from ..rope_bias import quantize_around
 from ..runtime import Part
 from .compat import AttentionFacts, check_attention
 
@@ -126,6 +127,9 @@ class ScaleSweepKVCacheMethod(BaseKVCacheMethod):
         if layer is not None:
             check_attention(attention_facts(layer, prefix), self.kv_method, self.q_method)
         self.key, self.entry = quant_config.attention_entry(prefix)
+        self.rope = None
+        if self.entry.rope_bias and (self.kv_method or self.q_method):
+            self.rope = _served_rope(self.entry.head_dim)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         super().process_weights_after_loading(layer)
@@ -150,7 +154,15 @@ class ScaleSweepKVCacheMethod(BaseKVCacheMethod):
             parts["q"] = self._part("q", self.q_method, e.q_global_scale, q_rows, e.num_heads)
         parts = {k: p.to(device) for k, p in parts.items()}
         layer.scalesweep_parts = parts
-        _wrap_impl(impl, parts)
+        biases = {}
+        for c in self.entry.rope_bias:
+            if c in parts:
+                rows = q_rows if c == "q" else kv_rows
+                b = self.quant_config.meta.vectors[f"{self.key}.{c}_bias"]
+                biases[c] = b[rows].to(device, torch.float32).contiguous()
+        offsets = _RopeOffsets(self.rope, biases, layer.layer_name) if biases else None
+        layer.scalesweep_rope_offsets = offsets
+        _wrap_impl(impl, parts, offsets)
 
     def _part(self, c: str, method: str, gs: float, rows: slice, heads: int) -> _Part:
         weight = None
@@ -175,14 +187,81 @@ def _param_device(layer: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _wrap_impl(impl, parts: dict[str, _Part]) -> None:
-    """Instance-level wrappers around the backend's two entry points."""
+def _served_rope(head_dim: int):
+    """vLLM's own rotary embedding of the model being built, in float32, made as the
+    architectures in :data:`SERVED_ARCHITECTURES` make theirs (vLLM 0.32/0.33
+    ``models/qwen2.py``: ``get_rope(head_dim, max_position=max_position_embeddings,
+    rope_parameters=config.rope_parameters)``, neox style). ``check_model`` has
+    refused every other architecture."""
+    from vllm.config import get_current_vllm_config_or_none
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+
+    config = get_current_vllm_config_or_none()
+    hf = getattr(getattr(config, "model_config", None), "hf_config", None)
+    if hf is None:
+        raise RuntimeError("scalesweep: rope_bias needs the model config while vLLM builds it")
+    return get_rope(
+        head_dim,
+        max_position=int(getattr(hf, "max_position_embeddings", 32768)),
+        rope_parameters=getattr(hf, "rope_parameters", None),
+        dtype=torch.float32,
+    )
+
+
+def token_positions(attn_metadata, num_tokens: int) -> torch.Tensor:
+    """The position of each of ``num_tokens`` rows of a forward, from vLLM's attention
+    metadata: token j of request r (``query_start_loc[r] <= j < query_start_loc[r+1]``)
+    sits at ``seq_lens[r] - query_start_loc[r+1] + j`` (seq_lens counts the cached
+    tokens plus this step's). Padding rows past the last request get 0."""
+    qsl = attn_metadata.query_start_loc.to(torch.int64)
+    seq = attn_metadata.seq_lens.to(device=qsl.device, dtype=torch.int64)
+    j = torch.arange(num_tokens, device=qsl.device, dtype=torch.int64)
+    req = torch.searchsorted(qsl[1:], j, right=True).clamp(max=seq.numel() - 1)
+    pos = seq[req] - qsl[req + 1] + j
+    return torch.where(j < qsl[-1], pos, torch.zeros_like(pos)).clamp(min=0)
+
+
+class _RopeOffsets:
+    """``R_p b`` for Q and K of one attention layer at the positions of the current
+    forward (:mod:`scalesweep_vllm.rope_bias`), float32 ``[T, heads, head_dim]``."""
+
+    def __init__(self, rope, biases: dict[str, torch.Tensor], layer_name: str):
+        self.rope, self.biases, self.layer_name = rope, biases, layer_name
+
+    def __call__(self, c: str, num_tokens: int, attn_metadata=None) -> torch.Tensor | None:
+        b = self.biases.get(c)
+        if b is None:
+            return None
+        if attn_metadata is None:
+            from vllm.forward_context import get_forward_context
+
+            md = get_forward_context().attn_metadata
+            if not isinstance(md, dict):
+                raise RuntimeError(
+                    "scalesweep: rope_bias needs per-layer attention metadata "
+                    f"(got {type(md).__name__}; micro-batching is not supported)"
+                )
+            attn_metadata = md[self.layer_name]
+        pos = token_positions(attn_metadata, num_tokens).to(b.device)
+        x = b.unsqueeze(0).expand(num_tokens, *b.shape).contiguous()
+        rot, _ = self.rope.forward_native(pos, x, None)
+        return rot
+
+
+def _wrap_impl(impl, parts: dict[str, _Part], offsets: _RopeOffsets | None = None) -> None:
+    """Instance-level wrappers around the backend's two entry points; Q and K around
+    their rotary bias where ``offsets`` has one."""
     k, v, q = parts.get("k"), parts.get("v"), parts.get("q")
+
+    def offset(c, x, md=None):
+        return offsets(c, x.shape[0], md) if offsets is not None else None
+
     if k is not None:
         update = impl.do_kv_cache_update
 
         def do_kv_cache_update(layer, key, value, kv_cache, slot_mapping):
-            return update(layer, k(key), v(value), kv_cache, slot_mapping)
+            key = quantize_around(k, key, offset("k", key))
+            return update(layer, key, v(value), kv_cache, slot_mapping)
 
         impl.do_kv_cache_update = do_kv_cache_update
     if q is not None:
@@ -190,7 +269,7 @@ def _wrap_impl(impl, parts: dict[str, _Part]) -> None:
 
         def forward_q(layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs):
             if attn_metadata is not None:  # None: the warm-up call, nothing to attend
-                query = q(query)
+                query = quantize_around(q, query, offset("q", query, attn_metadata))
             return forward(layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
 
         impl.forward = forward_q

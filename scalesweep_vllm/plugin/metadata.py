@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..kernels import METHODS
+from ..rope_bias import SERVED_ARCHITECTURES
 
 __all__ = [
     "ENV_METHOD_OVERRIDES",
@@ -34,7 +35,8 @@ __all__ = [
 METADATA_FILE = "scalesweep.json"
 VECTORS_FILE = "scalesweep_vectors.safetensors"
 GROUP_SIZE = 16
-SUPPORTED_FORMAT_VERSIONS = (1,)
+#: 2 = 1 plus ``attention.*.rope_bias`` (Q/K quantized around their rotary bias).
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 #: Environment variables that override the runtime method of each part at serve
 #: time: one of METHODS, or "off" to disable that part.
 ENV_METHOD_OVERRIDES = {
@@ -135,6 +137,8 @@ class AttentionEntry:
     q_global_scale: float
     k_global_scale: float
     v_global_scale: float
+    #: components quantized around their rotary bias (scalesweep_vllm/rope_bias.py)
+    rope_bias: tuple[str, ...] = ()
 
 
 @dataclass
@@ -177,6 +181,22 @@ class ScaleSweepMetadata:
                     not want or got == want,
                     f"{self.path}: attention.{prefix}.{fld} is {got} but config.json has "
                     f"{src.get(fld, 'head_dim')} {want}; this metadata belongs to another model",
+                )
+            if e.rope_bias:
+                arch = (getattr(hf_config, "architectures", None) or ["?"])[0]
+                _need(
+                    arch in SERVED_ARCHITECTURES,
+                    f"{self.path}: attention.{prefix} quantizes {'/'.join(e.rope_bias)} around "
+                    f"the rotary bias, which the plugin serves only for "
+                    f"{', '.join(SERVED_ARCHITECTURES)}, not {arch}",
+                )
+            for c in e.rope_bias:
+                n = e.num_heads if c == "q" else e.num_kv_heads
+                vec = self.vectors.get(f"{prefix}.{c}_bias")
+                _need(
+                    vec is not None and tuple(vec.shape) == (n, e.head_dim),
+                    f"{self.path}: rope_bias needs vector {prefix}.{c}_bias of shape "
+                    f"{(n, e.head_dim)}, found {None if vec is None else tuple(vec.shape)}",
                 )
             for c, n in (("q", e.num_heads), ("k", e.num_kv_heads), ("v", e.num_kv_heads)):
                 vec = self.vectors.get(f"{prefix}.{c}_weight")
@@ -226,9 +246,18 @@ class ScaleSweepMetadata:
                     q_global_scale=float(e.get("q_global_scale", 0.0)),
                     k_global_scale=float(e.get("k_global_scale", 0.0)),
                     v_global_scale=float(e.get("v_global_scale", 0.0)),
+                    rope_bias=tuple(str(c) for c in e.get("rope_bias") or ()),
+                )
+                _need(
+                    set(attention[prefix].rope_bias) <= {"q", "k"},
+                    f"{where}: attention.{prefix}.rope_bias must list only 'q' and 'k'",
                 )
             except (KeyError, TypeError, ValueError) as exc:
                 raise CheckpointError(f"{where}: attention.{prefix} is malformed: {exc}") from exc
+        _need(
+            version >= 2 or not any(e.rope_bias for e in attention.values()),
+            f"{where}: rope_bias needs format_version 2, the file says {version}",
+        )
         vectors: dict[str, torch.Tensor] = {}
         vfile = raw.get("vectors_file")
         if vfile:

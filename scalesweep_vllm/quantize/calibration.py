@@ -93,6 +93,9 @@ class AttentionStats:
     q_amax: float = 0.0
     k_amax: float = 0.0
     v_amax: float = 0.0
+    #: max|q - R_p b_q|, max|k - R_p b_k| for the components quantized around their
+    #: rotary bias (:mod:`scalesweep_vllm.rope_bias`); empty when not.
+    residual_amax: dict[str, float] = field(default_factory=dict)
 
     def q_mean_sq(self) -> torch.Tensor:
         return (self.q_sum_sq / max(self.count, 1)).to(torch.float32)
@@ -130,7 +133,7 @@ _RECORDER: dict = {"fn": None, "impl": None}
 def _calibration_attention(module, query, key, value, attention_mask, *args, **kwargs):
     rec = _RECORDER["fn"]
     if rec is not None:
-        rec(module, query, key, value)
+        rec(module, query, key, value, kwargs)
     return _original_attention(module)(module, query, key, value, attention_mask, *args, **kwargs)
 
 
@@ -242,6 +245,7 @@ def calibrate_layers(
     progress: bool = False,
     hessians: bool = False,
     replacements: dict[str, torch.Tensor] | None = None,
+    rope=None,
 ) -> Iterator[tuple[int, nn.Module, LayerStats]]:
     """Yield ``(index, layer, stats)`` per decoder layer, the layer on ``device``
     in ``compute_dtype`` while the caller handles it (quantize it then); it goes
@@ -251,6 +255,8 @@ def calibrate_layers(
     ``replacements``: a dict the caller fills, while it handles a layer, with
     quantized weights by Linear name; the layer's outputs are then computed with
     those weights (sequential GPTQ), and the dict is emptied.
+    ``rope``: a :class:`scalesweep_vllm.rope_bias.HFRope` of ``model``: also record
+    the amax of q and k less their rotary bias (``AttentionStats.residual_amax``).
     """
     config = getattr(model, "config", None)
     kinds = set(getattr(config, "layer_types", None) or [])
@@ -291,7 +297,7 @@ def calibrate_layers(
                     st.hessian = shared[t.group]
                 stats.linears[t.name] = st
                 hooks.append(t.module.register_forward_pre_hook(_linear_hook(st)))
-            recorder = _attention_recorder(stats, prefixes, names)
+            recorder = _attention_recorder(stats, prefixes, names, rope)
             keep = replacements is None  # else the outputs come after quantization
             try:
                 with _recording_attention(config, recorder):
@@ -343,8 +349,10 @@ def _linear_hook(st: LinearStats):
     return hook
 
 
-def _attention_recorder(stats: LayerStats, prefixes: dict[int, str], names: dict[int, str]):
-    def record(module, query, key, value):
+def _attention_recorder(stats: LayerStats, prefixes: dict[int, str], names: dict[int, str], rope):
+    from ..rope_bias import attention_biases
+
+    def record(module, query, key, value, kwargs):
         prefix = prefixes.get(id(module))
         if prefix is None or query.dim() != 4 or key.dim() != 4:
             return
@@ -367,5 +375,12 @@ def _attention_recorder(stats: LayerStats, prefixes: dict[int, str], names: dict
         st.q_amax = max(st.q_amax, float(q.abs().max()))
         st.k_amax = max(st.k_amax, float(k.abs().max()))
         st.v_amax = max(st.v_amax, float(v.abs().max()))
+        biases = attention_biases(module) if rope is not None else {}
+        if biases:
+            offs = rope.offsets(biases, kwargs.get("position_ids"), st.head_dim)
+            for c, x in (("q", q), ("k", k)):
+                if c in offs:
+                    r = x.transpose(1, 2) - offs[c].to(x.device)
+                    st.residual_amax[c] = max(st.residual_amax.get(c, 0.0), float(r.abs().max()))
 
     return record

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .. import kernels, nvfp4
+from ..rope_bias import SERVED_ARCHITECTURES, HFRope, attention_biases
 from . import calibration, data, layers, preflight, report, writer
 from . import scheme as schemes
 from .gptq import GPTQConfig
@@ -188,6 +189,7 @@ def _attention_entry(layer: nn.Module, rel: str, st: calibration.AttentionStats,
             o_w = mod.weight.detach().to(torch.float32)
             break
     q_ms, k_ms = st.q_mean_sq(), st.k_mean_sq()
+    biases = {c: b for c, b in attention_biases(attn).items() if c in st.residual_amax}
     vectors = {
         "q_weight": k_ms.repeat_interleave(rep, dim=0),  # query head h <- its KV head's E[k^2]
         "k_weight": q_ms.view(hkv, rep, d).sum(dim=1),  # KV head g <- sum of its heads' E[q^2]
@@ -199,10 +201,16 @@ def _attention_entry(layer: nn.Module, rel: str, st: calibration.AttentionStats,
     }
     entry = {"num_heads": h, "num_kv_heads": hkv, "head_dim": d}
     for k in ("q", "k", "v"):
-        amax = getattr(st, f"{k}_amax")
+        # quantized around the rotary bias: the residual is what the blocks see
+        amax = st.residual_amax[k] if k in biases else getattr(st, f"{k}_amax")
         entry[f"{k}_global_scale"] = float(nvfp4.global_scale(amax, convention))
     for k in ("q", "k", "v"):
         entry[f"{k}_amax"] = getattr(st, f"{k}_amax")
+    if biases:
+        entry["rope_bias"] = sorted(biases)
+        for k in sorted(biases):
+            entry[f"{k}_residual_amax"] = st.residual_amax[k]
+            vectors[f"{k}_bias"] = biases[k].reshape(-1, d)
     entry["calibration_tokens"] = st.count
     return entry, {k: v.cpu() for k, v in vectors.items()}
 
@@ -223,6 +231,7 @@ def quantize_model(
     progress: bool = True,
     gptq: bool | dict | GPTQConfig = False,
     in_memory: bool = False,
+    rope_bias: str = "auto",
 ) -> dict:
     """Quantize a causal LM to an NVFP4 compressed-tensors checkpoint; return the report.
 
@@ -238,6 +247,10 @@ def quantize_model(
     ``in_memory``: write nothing (``output`` may be None); the report's ``"checkpoint"``
     holds what would have been written (:func:`writer.checkpoint_contents`); the
     evaluation (:mod:`scalesweep_vllm.evaluate`) quantizes recipes this way.
+    ``rope_bias``: auto | on | off: quantize runtime Q and K around the rotary image
+    of their projection bias (:mod:`scalesweep_vllm.rope_bias`); auto = on when the
+    model has q/k biases, its architecture is one the plugin serves that way, and
+    the scheme quantizes Q or K.
     """
     t_start = time.perf_counter()
     cpu_start = time.process_time()
@@ -272,6 +285,7 @@ def quantize_model(
     )
     src_dir = src_dir or src_dir2
     plan = layers.plan_model(mdl)
+    use_rope_bias = _resolve_rope_bias(rope_bias, mdl, sch)
     total_params = sum(p.numel() for p in mdl.parameters())
     shapes = {t.name: (t.module.out_features, t.module.in_features) for t in plan.all_targets()}
     ignore = _ignore_list(plan)
@@ -283,6 +297,7 @@ def quantize_model(
         "global_scale_convention": global_scale_convention,
         "device": str(dev),
         "gptq": None if gcfg is None else gcfg.to_json(),
+        "rope_bias": use_rope_bias,
     }
     t_loaded = time.perf_counter()
     if dry_run:
@@ -345,6 +360,7 @@ def quantize_model(
         progress=progress,
         hessians=gcfg is not None,
         replacements=replacements,
+        rope=HFRope(mdl) if use_rope_bias else None,
     ):
         groups: dict[str, list[layers.Target]] = {}
         for t in plan.targets[i]:
@@ -433,6 +449,31 @@ def quantize_model(
     if progress:
         print(report.format_report(rep), end="")
     return rep
+
+
+def _resolve_rope_bias(mode: str | bool, model: nn.Module, sch) -> bool:
+    """Whether Q/K are quantized around their rotary bias (``quantize_model``'s
+    ``rope_bias``): refuses ``on`` where the plugin could not serve it."""
+    mode = {True: "on", False: "off"}.get(mode, mode)
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"rope_bias must be auto, on or off, not {mode!r}")
+    if mode == "off" or not (sch.kv_cache or sch.query):
+        return False
+    biased = any(attention_biases(m) for m in model.modules())
+    arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+    served = arch in SERVED_ARCHITECTURES
+    if mode == "on" and not (biased and served):
+        why = "has no q_proj/k_proj bias" if not biased else "is not one the plugin serves so"
+        raise ValueError(
+            f"rope_bias on: {arch} {why} (served: {', '.join(SERVED_ARCHITECTURES)})"
+        )
+    if biased and not served:
+        warnings.warn(
+            f"{arch} has q/k projection biases but the plugin cannot serve Q/K quantized "
+            "around their rotary image for it: rope_bias off (4-bit K may suffer)",
+            stacklevel=3,
+        )
+    return biased and served
 
 
 def _hessian_mean(st: calibration.LinearStats) -> torch.Tensor:

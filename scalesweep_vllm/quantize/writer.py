@@ -45,6 +45,10 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
+#: Written instead when an attention entry quantizes Q/K around its rotary bias
+#: (``rope_bias``): a reader of version 1 would serve such a file wrongly, so it
+#: must refuse it.
+FORMAT_VERSION_ROPE_BIAS = 2
 METADATA_FILE = "scalesweep.json"
 VECTORS_FILE = "scalesweep_vectors.safetensors"
 #: Files copied from the source model folder when present.
@@ -255,7 +259,11 @@ def metadata(
 ) -> dict:
     """The content of scalesweep.json (docs/CHECKPOINT.md)."""
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": (
+            FORMAT_VERSION_ROPE_BIAS
+            if any(e.get("rope_bias") for e in attention.values())
+            else FORMAT_VERSION
+        ),
         "scheme": scheme.name,
         "objective": objective,
         "bounds_version": BOUNDS_VERSION,
