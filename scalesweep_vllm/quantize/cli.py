@@ -149,6 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(default on; --no-gptq-actorder keeps the column order)",
     )
     p.add_argument(
+        "--rope-bias",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="quantize runtime Q and K around the rotary image of their q_proj/k_proj "
+        "bias (Q(x - R_p b) + R_p b). Qwen2/2.5 biases reach 354 in K, so 4-bit K "
+        "collapses without it. auto (default): on for biased models the plugin serves "
+        "so (Qwen2ForCausalLM) when the scheme quantizes K or Q",
+    )
+    p.add_argument(
         "--dry-run",
         action="store_true",
         help="list what would be quantized and what stays bf16; write nothing",
@@ -252,6 +261,7 @@ def _run(args: argparse.Namespace, output: Path) -> None:
         dry_run=args.dry_run,
         progress=not args.quiet,
         gptq=_gptq_settings(args),
+        rope_bias=args.rope_bias,
     )
 
 
