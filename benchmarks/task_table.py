@@ -46,19 +46,29 @@ LABELS = {
 }
 
 
-def jobs(peers: list[str]) -> list[dict]:
+def jobs(peers: list[str], settings=SETTINGS, rope_bias: str = "auto") -> list[dict]:
+    """Our recipes, then the checkpoints: a peer's (no scalesweep.json) in W4A16 and
+    W4A4 only, one of ours (written by scalesweep-quantize) in every setting."""
     out = []
-    for setting in SETTINGS:
+    for setting in settings:
         for recipe, gptq in OURS:
-            out.append({"recipe": recipe, "gptq": gptq, "setting": setting})
+            j = {"recipe": recipe, "gptq": gptq, "setting": setting}
+            if rope_bias != "auto":
+                j["rope_bias"] = rope_bias
+            out.append(j)
     for p in peers:
-        for s in ("W4A16", "W4A4"):
-            out.append({"checkpoint": p, "setting": s})
+        ours = (Path(p) / "scalesweep.json").is_file()
+        for s in settings:
+            if ours or s in ("W4A16", "W4A4"):
+                out.append({"checkpoint": p, "setting": s})
     return out
 
 
 def source(j: dict) -> str:
-    return j.get("checkpoint") or j["recipe"] + ("+gptq" if j["gptq"] else "")
+    if j.get("checkpoint"):
+        return j["checkpoint"]
+    rb = {"on": "+rope_bias", "off": "-rope_bias"}.get(j.get("rope_bias", "auto"), "")
+    return j["recipe"] + ("+gptq" if j["gptq"] else "") + rb
 
 
 def job_key(j: dict) -> str:
@@ -66,9 +76,13 @@ def job_key(j: dict) -> str:
 
 
 def label(r: dict) -> str:
+    rb = " + rope_bias" if r.get("rope_bias") else ""
     if "checkpoint" in r:
+        if r.get("objective"):  # ours, written by scalesweep-quantize
+            gptq = " + GPTQ" if r.get("ckpt_gptq") else ""
+            return f"{LABELS[r['objective']]}{gptq}{rb} (checkpoint)"
         return Path(r["checkpoint"]).name
-    return LABELS[r["recipe"]] + (" + GPTQ" if r.get("gptq") else "")
+    return LABELS[r["recipe"]] + (" + GPTQ" if r.get("gptq") else "") + rb
 
 
 def _recipe(ctx, j, args):
@@ -81,7 +95,13 @@ def _recipe(ctx, j, args):
     saved = Path(args.recipe_cache) / f"{Path(str(ctx.model_dir)).name}-{name}.pt"
     if saved.is_file():
         return Checkpoint.from_contents(torch.load(saved, weights_only=False), name)
-    c = quantize_recipe(ctx.model_dir, j["recipe"], progress=not args.quiet, gptq=j["gptq"])
+    c = quantize_recipe(
+        ctx.model_dir,
+        j["recipe"],
+        progress=not args.quiet,
+        gptq=j["gptq"],
+        rope_bias=j.get("rope_bias", "auto"),
+    )
     saved.parent.mkdir(parents=True, exist_ok=True)
     torch.save(
         {"config": c.config, "tensors": c.tensors, "meta": c.meta, "vectors": c.vectors}, saved
@@ -99,7 +119,7 @@ def run(args) -> None:
     path = Path(args.json)
     data = json.loads(path.read_text()) if path.is_file() else {"rows": []}
     done = {r["key"] for r in data["rows"]}
-    todo = [j for j in jobs(args.peers) if job_key(j) not in done]
+    todo = [j for j in jobs(args.peers, args.settings, args.rope_bias) if job_key(j) not in done]
     if args.only:
         todo = [j for j in todo if any(o == source(j) or o in job_key(j) for o in args.only)]
     ctx = prepare(
@@ -134,8 +154,14 @@ def run(args) -> None:
                 Checkpoint.from_dir(j["checkpoint"]) if "checkpoint" in j else _recipe(ctx, j, args)
             )
             print(f"[{name}] ready in {time.perf_counter() - t0:.0f} s", flush=True)
-        row = score_checkpoint(ctx, sources[name], j["setting"])
+        ck = sources[name]
+        row = score_checkpoint(ctx, ck, j["setting"])
         row.update({"key": job_key(j), **j})
+        if ck.meta is not None:
+            row["rope_bias"] = any(e.get("rope_bias") for e in ck.meta.get("attention", {}).values())
+            if "checkpoint" in j:
+                row["objective"] = ck.meta.get("objective")
+                row["ckpt_gptq"] = bool((ck.meta.get("gptq") or {}).get("enabled"))
         data["rows"].append(row)
         path.write_text(json.dumps(data, indent=1) + "\n")
         rec = row.get("recovery", {}).get("mean_recovery", float("nan"))
@@ -189,8 +215,8 @@ def recovery_se(row: dict, base: dict) -> float:
 
 def _order(r: dict) -> tuple:
     if "recipe" in r:
-        return (1, [o for o in OURS].index((r["recipe"], r["gptq"])), "")
-    return (2, 0, Path(r["checkpoint"]).name)
+        return (1, [o for o in OURS].index((r["recipe"], r["gptq"])), int(bool(r.get("rope_bias"))))
+    return (2 if r.get("objective") is None else 1.5, 0, 0)
 
 
 def render(args) -> str:
@@ -294,8 +320,8 @@ def _kld(header, rows) -> list[str]:
     base = header.get("bf16_tasks")
     for s in SETTINGS:
         sel = [r for r in rows if r["setting"] == s and "kld_mean" in r]
-        mine = [r for r in sel if r.get("recipe") == "wmse"]
-        others = [r for r in sel if r.get("recipe") != "wmse"]
+        mine = [r for r in sel if "wmse" in (r.get("recipe"), r.get("objective"))]
+        others = [r for r in sel if r not in mine]
         for a in sorted(mine, key=_order):
             for o in sorted(others, key=_order):
                 dk = [
@@ -368,6 +394,14 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--peers", nargs="*", default=[], help="peer checkpoint folders")
     p.add_argument("--only", nargs="*", help="only jobs of these sources (e.g. wmse+gptq absmax)")
+    p.add_argument(
+        "--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS,
+        help="settings to run, in this order (default: all three)",
+    )
+    p.add_argument(
+        "--rope-bias", default="auto", choices=("auto", "on", "off"),
+        help="our recipes' --rope-bias (auto: the quantizer's default)",
+    )
     p.add_argument("--recipe-cache", default="/tmp/scalesweep-recipes")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--render", action="store_true", help="print the tables, write the plot")

@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
         "scalesweep-quantize --gptq)",
     )
     p.add_argument(
+        "--rope-bias",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="with --recipe: Q/K quantized around the rotary image of their projection "
+        "bias (as scalesweep-quantize --rope-bias; auto: on for biased Qwen2 models)",
+    )
+    p.add_argument(
         "--global-scale",
         choices=sorted(GLOBAL_SCALE_TARGETS),
         default=DEFAULT_GLOBAL_SCALE,
@@ -134,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         num_samples=args.num_samples,
         calib_seq_len=args.calib_seq_len,
         gptq=args.gptq,
+        rope_bias=args.rope_bias,
         dtype=args.dtype,
         tasks=args.tasks,
         tasks_limit=args.tasks_limit,

@@ -51,10 +51,11 @@ def quantize_recipe(
     num_samples: int | None = None,
     seq_len: int | None = None,
     gptq: bool = False,
+    rope_bias: str = "auto",
 ) -> Checkpoint:
     """The recipe quantized in memory by the offline quantizer (its defaults otherwise);
     ``gptq``: GPTQ error feedback on the recipe's block scales (the quantizer's
-    ``--gptq``)."""
+    ``--gptq``); ``rope_bias``: the quantizer's ``--rope-bias``."""
     from ..quantize import pipeline
 
     if recipe not in RECIPES or recipe == "bf16":
@@ -75,9 +76,11 @@ def quantize_recipe(
         progress=progress,
         in_memory=True,
         gptq=gptq,
+        rope_bias=rope_bias,
         **kw,
     )
-    tag = f"{recipe}{'+gptq' if gptq else ''}/{convention}"
+    rb = "+rope_bias" if rep["header"]["rope_bias"] else ""
+    tag = f"{recipe}{'+gptq' if gptq else ''}{rb}/{convention}"
     return Checkpoint.from_contents(rep["checkpoint"], f"{tag} (in memory)")
 
 
@@ -252,6 +255,7 @@ def evaluate(
     dtype: str = "auto",
     tasks: list[str] | None = None,
     tasks_limit: int | None = None,
+    rope_bias: str = "auto",
 ) -> dict:
     """Evaluate ``recipe`` (quantized in memory, with GPTQ when ``gptq``) or
     ``checkpoint`` against the BF16 ``model`` (default: the default SmolLM2); see
@@ -291,10 +295,14 @@ def evaluate(
             num_samples,
             calib_seq_len,
             gptq,
+            rope_bias,
         )
         out["source"] = {"recipe": recipe, "global_scale": global_scale, "gptq": gptq}
     if ckpt.meta is not None:
         out["source"]["calibration"] = ckpt.meta.get("calibration")
+        out["source"]["rope_bias"] = any(
+            e.get("rope_bias") for e in (ckpt.meta.get("attention") or {}).values()
+        )
     for setting in settings or [None]:
         out["runs"].append(score_checkpoint(ctx, ckpt, setting, runtime_method))
     return out
