@@ -104,6 +104,46 @@ def tiny_checkpoint(
     return out
 
 
+def rope_bias_checkpoint(tmp_path_factory, **overrides) -> Path:
+    """A tiny Qwen2 (``TINY``, head_dim 64) whose q/k biases have Qwen2.5-like outliers
+    in low-frequency dims (|b_k| 40, |b_q| 10 against |k| of a few units), quantized
+    W4A4KV4Q4 with the default ``rope_bias`` (on: scalesweep_vllm/rope_bias.py)."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from scalesweep_vllm.quantize import assets, quantize_model
+
+    src = _root(tmp_path_factory) / f"tiny-qwen2-rope-bias{_suffix(overrides)}"
+    if not (src / "config.json").is_file():
+        torch.manual_seed(0)
+        cfg = {k: v for k, v in {**TINY, **overrides}.items() if k != "head_dim"}
+        model = Qwen2ForCausalLM(Qwen2Config(**cfg)).to(torch.bfloat16)  # head_dim 256/4
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for lin, big in ((layer.self_attn.k_proj, 40.0), (layer.self_attn.q_proj, 10.0)):
+                    b = torch.randn(lin.out_features, generator=g) * 0.2
+                    for h in range(lin.out_features // 64):
+                        b[h * 64 + 31] = big * (1 if h % 2 else -1)
+                        b[h * 64 + 62] = 0.5 * big
+                    lin.bias.copy_(b.to(torch.bfloat16))
+        model.save_pretrained(src)
+        AutoTokenizer.from_pretrained(assets.default_model_dir()).save_pretrained(src)
+    out = _root(tmp_path_factory) / f"tiny-qwen2-rope-bias-W4A4KV4Q4{_suffix(overrides)}"
+    if not (out / "config.json").is_file():
+        quantize_model(
+            str(src),
+            str(out),
+            scheme="W4A4KV4Q4",
+            objective="wmse",
+            calib=assets.calibration_texts()[:32],
+            num_samples=16,
+            seq_len=64,
+            device="cpu",
+            progress=False,
+        )
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

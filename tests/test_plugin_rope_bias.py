@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from plugin_support import PROMPTS, TINY, _root, cpu_engine, reference_model, teacher_forced
+from plugin_support import PROMPTS, cpu_engine, reference_model, rope_bias_checkpoint, teacher_forced
 
 pytestmark = pytest.mark.vllm
 vllm = pytest.importorskip("vllm")
@@ -26,48 +26,9 @@ MAX_TOKENS = 8
 MEAN_TOL, MAX_TOL = 2e-3, 0.05  # as test_plugin_w4a4kv4q4.py (float32 engine)
 
 
-def _biased_qwen2(tmp_path_factory):
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    from scalesweep_vllm.quantize import assets
-
-    out = _root(tmp_path_factory) / "tiny-qwen2-rope-bias"
-    if (out / "config.json").is_file():
-        return out
-    torch.manual_seed(0)
-    cfg = {k: v for k, v in TINY.items() if k != "head_dim"}  # Qwen2: hidden / heads = 64
-    model = Qwen2ForCausalLM(Qwen2Config(**cfg)).to(torch.bfloat16)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for lin, big in ((layer.self_attn.k_proj, 40.0), (layer.self_attn.q_proj, 10.0)):
-                b = torch.randn(lin.out_features, generator=g) * 0.2
-                for h in range(lin.out_features // 64):  # low-frequency dims, as in Qwen2.5
-                    b[h * 64 + 31] = big * (1 if h % 2 else -1)
-                    b[h * 64 + 62] = 0.5 * big
-                lin.bias.copy_(b.to(torch.bfloat16))
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(assets.default_model_dir()).save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from scalesweep_vllm.quantize import assets, quantize_model
-
-    out = _root(tmp_path_factory) / "tiny-qwen2-rope-bias-W4A4KV4Q4"
-    if not (out / "config.json").is_file():
-        quantize_model(
-            str(_biased_qwen2(tmp_path_factory)),
-            str(out),
-            scheme="W4A4KV4Q4",
-            objective="wmse",
-            calib=assets.calibration_texts()[:32],
-            num_samples=16,
-            seq_len=64,
-            device="cpu",
-            progress=False,
-        )
+    out = rope_bias_checkpoint(tmp_path_factory)
     meta = json.loads((out / "scalesweep.json").read_text())
     assert all(e.get("rope_bias") == ["k", "q"] for e in meta["attention"].values())
     return out

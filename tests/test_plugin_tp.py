@@ -3,7 +3,9 @@ checkpoints at TP=2 (two worker processes, one core each, gloo and shared memory
 underneath) and at TP=1; both must compute what the evaluation's forward computes.
 
 Models: the plugin tests' tiny Llama (4 heads, 2 KV heads: at TP=2 each rank holds one
-KV head) and the same with a single KV head (replicated on both ranks).
+KV head), the same with a single KV head (replicated on both ranks), and a tiny Qwen2
+with outlier q/k biases whose Q/K are quantized around their rotary bias (each rank
+slices the bias vectors like its heads).
 
 Tolerance, argued. At TP=2 the ranks' partial products of o_proj and down_proj are
 summed by the all-reduce, in another fp32 order than TP=1's single GEMM; and vLLM's
@@ -34,7 +36,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from plugin_support import reference_model, tiny_checkpoint
+from plugin_support import reference_model, rope_bias_checkpoint, tiny_checkpoint
 from quantizer_alignment import aligned_nll, load_records
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -54,9 +56,12 @@ MODELS = {
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    return {
+    out = {
         name: tiny_checkpoint(tmp_path_factory, "W4A4KV4Q4", **kw) for name, kw in MODELS.items()
     }
+    # Q/K quantized around the rotary bias: each rank slices the bias vectors like its heads
+    out["qwen2-rope-bias"] = rope_bias_checkpoint(tmp_path_factory)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +114,8 @@ def served(checkpoints, ids, tmp_path_factory, model: str, tp: int):
 
 
 @pytest.mark.parametrize(
-    ("model", "tp"), [("kv-split", 2), ("kv-replicated", 2), ("kv-split", 1), ("global-256", 1)]
+    ("model", "tp"),
+    [("kv-split", 2), ("kv-replicated", 2), ("kv-split", 1), ("global-256", 1), ("qwen2-rope-bias", 2)],
 )
 def test_served_equals_the_evaluation(model, tp, checkpoints, ids, tmp_path_factory):
     nll, calls, aligned, ties = served(checkpoints, ids, tmp_path_factory, model, tp)
