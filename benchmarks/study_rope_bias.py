@@ -106,7 +106,9 @@ def main() -> int:
         row = {
             "layer": i,
             "k_amax": float(k.abs().max()),
-            "k_residual_amax": float((k.transpose(1, 2) - ok).abs().max()) if ok is not None else None,
+            "k_residual_amax": float((k.transpose(1, 2) - ok).abs().max())
+            if ok is not None
+            else None,
             "b_k_amax": float(biases["k"].abs().max()) if "k" in biases else None,
             "kl_k": attention_kl(q, k, q, fq(k, None)),
             "kl_k_rope_bias": attention_kl(q, k, q, fq(k, ok)) if ok is not None else None,

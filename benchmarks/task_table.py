@@ -158,7 +158,9 @@ def run(args) -> None:
         row = score_checkpoint(ctx, ck, j["setting"])
         row.update({"key": job_key(j), **j})
         if ck.meta is not None:
-            row["rope_bias"] = any(e.get("rope_bias") for e in ck.meta.get("attention", {}).values())
+            row["rope_bias"] = any(
+                e.get("rope_bias") for e in ck.meta.get("attention", {}).values()
+            )
             if "checkpoint" in j:
                 row["objective"] = ck.meta.get("objective")
                 row["ckpt_gptq"] = bool((ck.meta.get("gptq") or {}).get("enabled"))
@@ -395,11 +397,16 @@ def main() -> int:
     p.add_argument("--peers", nargs="*", default=[], help="peer checkpoint folders")
     p.add_argument("--only", nargs="*", help="only jobs of these sources (e.g. wmse+gptq absmax)")
     p.add_argument(
-        "--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS,
+        "--settings",
+        nargs="+",
+        default=list(SETTINGS),
+        choices=SETTINGS,
         help="settings to run, in this order (default: all three)",
     )
     p.add_argument(
-        "--rope-bias", default="auto", choices=("auto", "on", "off"),
+        "--rope-bias",
+        default="auto",
+        choices=("auto", "on", "off"),
         help="our recipes' --rope-bias (auto: the quantizer's default)",
     )
     p.add_argument("--recipe-cache", default="/tmp/scalesweep-recipes")

@@ -17,7 +17,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from plugin_support import PROMPTS, cpu_engine, reference_model, rope_bias_checkpoint, teacher_forced
+from plugin_support import (
+    PROMPTS,
+    cpu_engine,
+    reference_model,
+    rope_bias_checkpoint,
+    teacher_forced,
+)
 
 pytestmark = pytest.mark.vllm
 vllm = pytest.importorskip("vllm")
@@ -77,7 +83,9 @@ def _diffs(model, rows):
 
 def test_served_matches_the_evaluation(ckpt, generated):
     d, agree = _diffs(reference_model(ckpt, dtype=torch.float32), generated)
-    print(f"|dlogprob| mean {d.mean():.5f} max {d.max():.5f}; greedy agree {agree}/{len(generated)}")
+    print(
+        f"|dlogprob| mean {d.mean():.5f} max {d.max():.5f}; greedy agree {agree}/{len(generated)}"
+    )
     assert agree >= len(generated) - 1
     assert d.mean() < MEAN_TOL and d.max() < MAX_TOL
 

@@ -115,7 +115,13 @@ def served(checkpoints, ids, tmp_path_factory, model: str, tp: int):
 
 @pytest.mark.parametrize(
     ("model", "tp"),
-    [("kv-split", 2), ("kv-replicated", 2), ("kv-split", 1), ("global-256", 1), ("qwen2-rope-bias", 2)],
+    [
+        ("kv-split", 2),
+        ("kv-replicated", 2),
+        ("kv-split", 1),
+        ("global-256", 1),
+        ("qwen2-rope-bias", 2),
+    ],
 )
 def test_served_equals_the_evaluation(model, tp, checkpoints, ids, tmp_path_factory):
     nll, calls, aligned, ties = served(checkpoints, ids, tmp_path_factory, model, tp)

@@ -212,6 +212,9 @@ def test_evaluation_refuses_missing_bias_vectors(ckpts, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(ckpts["auto"], bad)
     vec = load_file(bad / "scalesweep_vectors.safetensors")
-    save_file({k: v for k, v in vec.items() if not k.endswith("k_bias")}, bad / "scalesweep_vectors.safetensors")
+    save_file(
+        {k: v for k, v in vec.items() if not k.endswith("k_bias")},
+        bad / "scalesweep_vectors.safetensors",
+    )
     with pytest.raises(ValueError, match="k_bias"):
         build_model(Checkpoint.from_dir(bad), dtype=torch.float32)

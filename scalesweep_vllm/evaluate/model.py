@@ -34,8 +34,8 @@ from torch import nn
 from .. import kernels
 from ..quantize.layers import plan_model
 from ..quantize.scheme import get_scheme
-from ..runtime import RUNTIME_METHODS, Part, fused_input_weight
 from ..rope_bias import HFRope, quantize_around
+from ..runtime import RUNTIME_METHODS, Part, fused_input_weight
 from . import modelopt
 
 __all__ = [
@@ -244,7 +244,9 @@ def _rope_biases(ckpt, attn: dict[str, dict[str, Part]]) -> dict[str, dict[str, 
     for prefix, parts in attn.items():
         comps = [c for c in entries.get(prefix, {}).get("rope_bias") or () if c in parts]
         if comps:
-            missing = [f"{prefix}.{c}_bias" for c in comps if f"{prefix}.{c}_bias" not in ckpt.vectors]
+            missing = [
+                f"{prefix}.{c}_bias" for c in comps if f"{prefix}.{c}_bias" not in ckpt.vectors
+            ]
             if missing:
                 raise ValueError(f"{ckpt.name}: rope_bias needs {missing} in the vectors file")
             out[prefix] = {c: ckpt.vectors[f"{prefix}.{c}_bias"].float() for c in comps}

@@ -464,9 +464,7 @@ def _resolve_rope_bias(mode: str | bool, model: nn.Module, sch) -> bool:
     served = arch in SERVED_ARCHITECTURES
     if mode == "on" and not (biased and served):
         why = "has no q_proj/k_proj bias" if not biased else "is not one the plugin serves so"
-        raise ValueError(
-            f"rope_bias on: {arch} {why} (served: {', '.join(SERVED_ARCHITECTURES)})"
-        )
+        raise ValueError(f"rope_bias on: {arch} {why} (served: {', '.join(SERVED_ARCHITECTURES)})")
     if biased and not served:
         warnings.warn(
             f"{arch} has q/k projection biases but the plugin cannot serve Q/K quantized "
