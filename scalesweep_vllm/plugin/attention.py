@@ -236,6 +236,8 @@ class _RopeOffsets:
             from vllm.forward_context import get_forward_context
 
             md = get_forward_context().attn_metadata
+            if md is None:  # a dummy (profiling) run: no positions, nothing is attended
+                return None
             if not isinstance(md, dict):
                 raise RuntimeError(
                     "scalesweep: rope_bias needs per-layer attention metadata "
