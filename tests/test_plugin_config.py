@@ -227,3 +227,58 @@ def test_metadata_heads_checked_against_config(tmp_path, w4a4, field, value, src
     ) as exc:
         _llm(ck, quantization="scalesweep")
     assert "vectors" not in str(exc.value)
+
+
+@pytest.fixture(scope="module")
+def rope_bias_ckpt(tmp_path_factory):
+    from plugin_support import rope_bias_checkpoint
+
+    return rope_bias_checkpoint(tmp_path_factory)
+
+
+def test_rope_bias_refused_for_an_architecture_it_cannot_serve(tmp_path, w4a4):
+    """A Llama checkpoint claiming rope_bias (with the vectors it needs): the plugin
+    rebuilds R_p b only for the architectures it checks, so it refuses at config time."""
+    from safetensors.torch import load_file, save_file
+
+    def meta(m):
+        m["format_version"] = 2
+        for e in m["attention"].values():
+            e["rope_bias"] = ["k"]
+
+    ck = _copy(w4a4, tmp_path / "c", edit_meta=meta)
+    vec = load_file(ck / "scalesweep_vectors.safetensors")
+    for k in [k for k in vec if k.endswith(".k_weight")]:
+        vec[k.replace(".k_weight", ".k_bias")] = vec[k].clone()
+    save_file(vec, ck / "scalesweep_vectors.safetensors")
+    with pytest.raises(ValueError, match=r"around the rotary bias.*only for Qwen2ForCausalLM"):
+        _llm(ck, quantization="scalesweep")
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda m: m.update(format_version=1), "rope_bias needs format_version 2"),
+        (
+            lambda m: [e.update(rope_bias=["v"]) for e in m["attention"].values()],
+            "rope_bias must list only 'q' and 'k'",
+        ),
+    ],
+)
+def test_rope_bias_metadata_checked(tmp_path, rope_bias_ckpt, edit, match):
+    ck = _copy(rope_bias_ckpt, tmp_path / "c", edit_meta=edit)
+    with pytest.raises(ValueError, match=match):
+        _llm(ck, quantization="scalesweep")
+
+
+def test_rope_bias_needs_its_bias_vectors(tmp_path, rope_bias_ckpt):
+    from safetensors.torch import load_file, save_file
+
+    ck = _copy(rope_bias_ckpt, tmp_path / "c")
+    vec = load_file(ck / "scalesweep_vectors.safetensors")
+    save_file(
+        {k: v for k, v in vec.items() if not k.endswith(".q_bias")},
+        ck / "scalesweep_vectors.safetensors",
+    )
+    with pytest.raises(ValueError, match=r"rope_bias needs vector .*\.q_bias"):
+        _llm(ck, quantization="scalesweep")
