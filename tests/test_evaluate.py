@@ -106,3 +106,30 @@ def test_quantized_perplexity_is_above_bf16_on_the_real_model(tmp_path):
     w4a16, full = res["runs"]
     assert res["bf16"]["ppl"] < w4a16["ppl"] < full["ppl"]
     assert 0 < w4a16["kld_mean"] < full["kld_mean"]
+
+
+def test_build_model_decodes_every_weight_and_refuses_a_mismatch(tmp_path_factory):
+    """Weights are decoded one at a time into the model: the result equals the
+    compressed-tensors decode of every packed weight, and a tensor the config does
+    not have (or of another shape) is refused by name."""
+    from scalesweep_vllm import kernels
+    from scalesweep_vllm.evaluate import build_model
+
+    ck = Checkpoint.from_dir(tiny_checkpoint(tmp_path_factory, "W4A16"))
+    model = build_model(ck, dtype=torch.float32)
+    sd, got = ck.tensors, dict(model.named_parameters(remove_duplicate=False))
+    packed = [n[: -len(".weight_packed")] for n in sd if n.endswith(".weight_packed")]
+    assert packed
+    for p in packed:
+        want = kernels.dequantize(
+            sd[p + ".weight_packed"],
+            sd[p + ".weight_scale"],
+            sd[p + ".weight_global_scale"].float(),
+            torch.float32,
+        )
+        assert torch.equal(got[p + ".weight"], want), p
+    assert torch.equal(got["model.norm.weight"], sd["model.norm.weight"].float())
+    for bad in ({"model.extra.weight": torch.zeros(3)}, {"model.norm.weight": torch.zeros(7)}):
+        ck2 = Checkpoint(ck.config, {**sd, **bad}, ck.meta, ck.vectors, "bad")
+        with pytest.raises(ValueError, match=r"does not match its config.*unexpected"):
+            build_model(ck2, dtype=torch.float32)
