@@ -81,7 +81,6 @@ def tiny_checkpoint(
     """The tiny model quantized by ``scalesweep_vllm.quantize.quantize_model`` (with
     ``convention`` as its global scale; None: the quantizer's default; ``overrides`` of
     the model's config as in :func:`tiny_model_dir`)."""
-    from scalesweep_vllm.quantize import assets, quantize_model
 
     kw, name = {}, f"tiny-{scheme}"
     if convention is not None:
@@ -89,19 +88,26 @@ def tiny_checkpoint(
     name += _suffix(overrides)
     out = _root(tmp_path_factory) / name
     if not (out / "config.json").is_file():
-        quantize_model(
-            str(tiny_model_dir(tmp_path_factory, **overrides)),
-            str(out),
-            scheme=scheme,
-            objective="wmse",
-            calib=assets.calibration_texts()[:32],
-            num_samples=16,
-            seq_len=64,
-            device="cpu",
-            progress=False,
-            **kw,
-        )
+        _quantize_tiny(tiny_model_dir(tmp_path_factory, **overrides), out, scheme, **kw)
     return out
+
+
+def _quantize_tiny(src: Path, out: Path, scheme: str, **kw) -> None:
+    """The plugin tests' quantizer settings: WMSE, 16 x 64 Wikipedia tokens, on the CPU."""
+    from scalesweep_vllm.quantize import assets, quantize_model
+
+    quantize_model(
+        str(src),
+        str(out),
+        scheme=scheme,
+        objective="wmse",
+        calib=assets.calibration_texts()[:32],
+        num_samples=16,
+        seq_len=64,
+        device="cpu",
+        progress=False,
+        **kw,
+    )
 
 
 def rope_bias_checkpoint(tmp_path_factory, **overrides) -> Path:
@@ -110,7 +116,7 @@ def rope_bias_checkpoint(tmp_path_factory, **overrides) -> Path:
     W4A4KV4Q4 with the default ``rope_bias`` (on: scalesweep_vllm/rope_bias.py)."""
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    from scalesweep_vllm.quantize import assets, quantize_model
+    from scalesweep_vllm.quantize import assets
 
     src = _root(tmp_path_factory) / f"tiny-qwen2-rope-bias{_suffix(overrides)}"
     if not (src / "config.json").is_file():
@@ -130,18 +136,20 @@ def rope_bias_checkpoint(tmp_path_factory, **overrides) -> Path:
         AutoTokenizer.from_pretrained(assets.default_model_dir()).save_pretrained(src)
     out = _root(tmp_path_factory) / f"tiny-qwen2-rope-bias-W4A4KV4Q4{_suffix(overrides)}"
     if not (out / "config.json").is_file():
-        quantize_model(
-            str(src),
-            str(out),
-            scheme="W4A4KV4Q4",
-            objective="wmse",
-            calib=assets.calibration_texts()[:32],
-            num_samples=16,
-            seq_len=64,
-            device="cpu",
-            progress=False,
-        )
+        _quantize_tiny(src, out, "W4A4KV4Q4")
     return out
+
+
+def compare_teacher_forced(model, rows) -> tuple[torch.Tensor, int]:
+    """|served - reference| log-prob of every generated token, and the prompts whose
+    greedy choices the reference repeats, for ``rows`` of (prompt, generated, served
+    log-probs)."""
+    diffs, agree = [], 0
+    for prompt, gen, lp in rows:
+        ref_lp, ref_arg = teacher_forced(model, prompt, gen)
+        diffs.append((lp - ref_lp).abs())
+        agree += bool((ref_arg == torch.tensor(gen)).all())
+    return torch.cat(diffs), agree
 
 
 def free_port() -> int:

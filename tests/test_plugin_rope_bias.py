@@ -19,10 +19,10 @@ import pytest
 import torch
 from plugin_support import (
     PROMPTS,
+    compare_teacher_forced,
     cpu_engine,
     reference_model,
     rope_bias_checkpoint,
-    teacher_forced,
 )
 
 pytestmark = pytest.mark.vllm
@@ -72,17 +72,8 @@ def generated(ckpt):
     return rows
 
 
-def _diffs(model, rows):
-    out, agree = [], 0
-    for prompt, gen, lp in rows:
-        ref_lp, ref_arg = teacher_forced(model, prompt, gen)
-        out.append((lp - ref_lp).abs())
-        agree += bool((ref_arg == torch.tensor(gen)).all())
-    return torch.cat(out), agree
-
-
 def test_served_matches_the_evaluation(ckpt, generated):
-    d, agree = _diffs(reference_model(ckpt, dtype=torch.float32), generated)
+    d, agree = compare_teacher_forced(reference_model(ckpt, dtype=torch.float32), generated)
     print(
         f"|dlogprob| mean {d.mean():.5f} max {d.max():.5f}; greedy agree {agree}/{len(generated)}"
     )
@@ -92,8 +83,10 @@ def test_served_matches_the_evaluation(ckpt, generated):
 
 def test_correction_is_not_a_noop(ckpt, without_correction, generated):
     rows = generated[:4]
-    with_c, _ = _diffs(reference_model(ckpt, dtype=torch.float32), rows)
-    without, _ = _diffs(reference_model(without_correction, dtype=torch.float32), rows)
+    with_c, _ = compare_teacher_forced(reference_model(ckpt, dtype=torch.float32), rows)
+    without, _ = compare_teacher_forced(
+        reference_model(without_correction, dtype=torch.float32), rows
+    )
     print(f"mean |dlogprob|: with the correction {with_c.mean():.5f}, without {without.mean():.5f}")
     assert without.mean() > 10 * max(with_c.mean(), 1e-4)
 

@@ -12,7 +12,13 @@ import json
 
 import pytest
 import torch
-from plugin_support import PROMPTS, cpu_engine, reference_model, teacher_forced, tiny_checkpoint
+from plugin_support import (
+    PROMPTS,
+    compare_teacher_forced,
+    cpu_engine,
+    reference_model,
+    tiny_checkpoint,
+)
 
 pytestmark = pytest.mark.vllm
 vllm = pytest.importorskip("vllm")
@@ -59,16 +65,7 @@ def generated(engine):
 
 @pytest.fixture(scope="module")
 def full_reference(ckpt, generated):
-    return _compare(reference_model(ckpt, dtype=DTYPE), generated)
-
-
-def _compare(model, rows):
-    diffs, agree = [], 0
-    for prompt, gen, lp in rows:
-        ref_lp, ref_arg = teacher_forced(model, prompt, gen)
-        diffs.append((lp - ref_lp).abs())
-        agree += bool((ref_arg == torch.tensor(gen)).all())
-    return torch.cat(diffs), agree
+    return compare_teacher_forced(reference_model(ckpt, dtype=DTYPE), generated)
 
 
 def test_plugin_layers_are_in_place(engine):
@@ -110,8 +107,8 @@ def test_kv_quantization_is_not_a_noop(ckpt, generated, full_reference):
     sees them (inside forward) would match the second, not the first."""
     with_kv = full_reference[0]
     rows = generated[:4]  # enough: a missing step costs ~0.5 nats on every prompt
-    without_kv, _ = _compare(reference_model(ckpt, kv_cache=False, dtype=DTYPE), rows)
-    without_q, _ = _compare(reference_model(ckpt, query=False, dtype=DTYPE), rows)
+    without_kv, _ = compare_teacher_forced(reference_model(ckpt, kv_cache=False, dtype=DTYPE), rows)
+    without_q, _ = compare_teacher_forced(reference_model(ckpt, query=False, dtype=DTYPE), rows)
     print(
         f"mean |dlogprob|: full {with_kv.mean():.4f}, no KV {without_kv.mean():.4f}, "
         f"no Q {without_q.mean():.4f}"
