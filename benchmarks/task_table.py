@@ -115,6 +115,7 @@ def run(args) -> None:
     torch.set_num_threads(args.threads)
     from scalesweep_vllm.evaluate.model import Checkpoint
     from scalesweep_vllm.evaluate.run import prepare, score_checkpoint
+    from scalesweep_vllm.rope_bias import recorded as rope_bias_recorded
 
     path = Path(args.json)
     data = json.loads(path.read_text()) if path.is_file() else {"rows": []}
@@ -158,9 +159,7 @@ def run(args) -> None:
         row = score_checkpoint(ctx, ck, j["setting"])
         row.update({"key": job_key(j), **j})
         if ck.meta is not None:
-            row["rope_bias"] = any(
-                e.get("rope_bias") for e in ck.meta.get("attention", {}).values()
-            )
+            row["rope_bias"] = rope_bias_recorded(ck.meta.get("attention"))
             if "checkpoint" in j:
                 row["objective"] = ck.meta.get("objective")
                 row["ckpt_gptq"] = bool((ck.meta.get("gptq") or {}).get("enabled"))

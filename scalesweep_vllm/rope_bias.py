@@ -41,6 +41,7 @@ __all__ = [
     "HFRope",
     "attention_biases",
     "quantize_around",
+    "recorded",
 ]
 
 #: Architectures whose served rotary embedding the plugin rebuilds and that a test
@@ -58,6 +59,12 @@ def quantize_around(part, x: torch.Tensor, offset: torch.Tensor | None) -> torch
         return part(x)
     r = x.to(torch.float32) - offset
     return (part(r) + offset).to(x.dtype)
+
+
+def recorded(attention: dict | None) -> bool:
+    """Whether scalesweep.json's ``attention`` entries quantize any Q or K around its
+    rotary bias (an entry's ``rope_bias`` list is not empty)."""
+    return any(e.get("rope_bias") for e in (attention or {}).values())
 
 
 def attention_biases(attn: nn.Module) -> dict[str, torch.Tensor]:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..quantize.pipeline import DEFAULT_GLOBAL_SCALE
+from ..rope_bias import recorded as rope_bias_recorded
 from . import metrics
 from .model import Checkpoint, build_model, runtime_settings
 
@@ -300,9 +301,7 @@ def evaluate(
         out["source"] = {"recipe": recipe, "global_scale": global_scale, "gptq": gptq}
     if ckpt.meta is not None:
         out["source"]["calibration"] = ckpt.meta.get("calibration")
-        out["source"]["rope_bias"] = any(
-            e.get("rope_bias") for e in (ckpt.meta.get("attention") or {}).values()
-        )
+        out["source"]["rope_bias"] = rope_bias_recorded(ckpt.meta.get("attention"))
     for setting in settings or [None]:
         out["runs"].append(score_checkpoint(ctx, ckpt, setting, runtime_method))
     return out

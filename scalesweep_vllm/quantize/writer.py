@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .. import __version__
+from .. import __version__, rope_bias
 from ..nvfp4 import BLOCK_SIZE
 from ..sweep import BOUNDS_VERSION
 from . import preflight
@@ -259,11 +259,9 @@ def metadata(
 ) -> dict:
     """The content of scalesweep.json (docs/CHECKPOINT.md)."""
     return {
-        "format_version": (
-            FORMAT_VERSION_ROPE_BIAS
-            if any(e.get("rope_bias") for e in attention.values())
-            else FORMAT_VERSION
-        ),
+        "format_version": FORMAT_VERSION_ROPE_BIAS
+        if rope_bias.recorded(attention)
+        else FORMAT_VERSION,
         "scheme": scheme.name,
         "objective": objective,
         "bounds_version": BOUNDS_VERSION,
