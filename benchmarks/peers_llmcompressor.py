@@ -44,14 +44,16 @@ RECIPES = {
 }
 
 
-def export_tokens(path: str) -> None:
+def export_tokens(path: str, model: str | None = None) -> None:
+    """The quantizer's default calibration tokens, with ``model``'s tokenizer (a folder;
+    default: the default model's)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch
     from transformers import AutoTokenizer
 
     from scalesweep_vllm.quantize import assets, data, pipeline
 
-    tok = AutoTokenizer.from_pretrained(assets.default_model_dir())
+    tok = AutoTokenizer.from_pretrained(model or assets.default_model_dir())
     docs, src = data.load_calibration_source(None)
     ids, _ = data.calibration_tokens(
         docs, tok, pipeline.DEFAULT_NUM_SAMPLES, pipeline.DEFAULT_SEQ_LEN, source=src or ""
@@ -81,6 +83,7 @@ def run(args) -> None:
         },
         "model": args.model,
         "calibration": {"samples": n, "seq_len": t, "tokens_file": args.tokens},
+        "model_dtype": args.dtype,
         "recipes": {},
     }
     for name in args.recipes:
@@ -91,7 +94,9 @@ def run(args) -> None:
         kwargs = {"targets": "Linear", "scheme": "NVFP4", "ignore": ["lm_head"], **spec["kwargs"]}
         t0 = time.perf_counter()
         try:
-            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16)
+            model = AutoModelForCausalLM.from_pretrained(
+                args.model, dtype=getattr(torch, args.dtype)
+            )
             oneshot(
                 model=model,
                 dataset=ds,
@@ -108,6 +113,7 @@ def run(args) -> None:
             "modifier": spec["modifier"],
             "kwargs": kwargs,
             "oneshot": {"num_calibration_samples": n, "max_seq_length": t},
+            "model_dtype": args.dtype,
             "status": status,
             "seconds": time.perf_counter() - t0,
         }
@@ -119,13 +125,26 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--export-tokens", help="(main venv) write the calibration token ids here")
     p.add_argument("--tokens", help="calibration token ids (.pt, [samples, seq_len])")
-    p.add_argument("--model", help="the bf16 HF folder of the default model")
+    p.add_argument(
+        "--model",
+        help="the bf16 HF folder of the model (with --export-tokens: whose tokenizer;\n"
+        "default the default model's)",
+    )
     p.add_argument("--out", default="peers")
     p.add_argument("--recipes", nargs="*", default=list(RECIPES))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=("bfloat16", "float32"),
+        help="dtype the model is loaded and calibrated in (bfloat16: as the tool's users\n"
+        "run it; float32: the same bf16 weights, exact, with float32 activations, for\n"
+        "CPUs without bf16 units, where bf16 calibration of a 1.5B model takes hours;\n"
+        "recorded in peers.json)",
+    )
     args = p.parse_args()
     if args.export_tokens:
-        export_tokens(args.export_tokens)
+        export_tokens(args.export_tokens, args.model)
     else:
         run(args)
     return 0

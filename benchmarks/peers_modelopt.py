@@ -393,7 +393,7 @@ def run(args) -> None:
         "model": args.model,
         "calibration": {"samples": n, "seq_len": t, "tokens_file": args.tokens},
         "forward_loop": "each row alone: model(input_ids=row[None], use_cache=False)",
-        "model_dtype": "bfloat16",
+        "model_dtype": args.dtype,
         "threads": args.threads,
         "patched": patched,
     }
@@ -412,7 +412,9 @@ def run(args) -> None:
         resumed = _resume_layer(ckdir)
         try:
             cfg = _config(spec, overrides)
-            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).eval()
+            model = AutoModelForCausalLM.from_pretrained(
+                args.model, dtype=getattr(torch, args.dtype)
+            ).eval()
             with torch.no_grad():
                 mtq.quantize(model, cfg, forward_loop)
             t_cal = time.perf_counter() - t0
@@ -436,6 +438,7 @@ def run(args) -> None:
                 "overrides": overrides,
                 "resumed_from_layer": resumed,
                 "config": json.loads(json.dumps(cfg, default=str)) if cfg is not None else None,
+                "model_dtype": args.dtype,
                 "status": status,
                 "seconds": time.perf_counter() - t0,
                 "cpu_seconds": time.process_time() - c0,
@@ -448,10 +451,19 @@ def run(args) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tokens", help="calibration token ids (.pt, [samples, seq_len])")
-    p.add_argument("--model", help="the bf16 HF folder of the default model")
+    p.add_argument("--model", help="the bf16 HF folder of the model")
     p.add_argument("--out", default="peers")
     p.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=list(RECIPES))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=("bfloat16", "float32"),
+        help="dtype the model is loaded and calibrated in (bfloat16: as the tool's users\n"
+        "run it; float32: the same bf16 weights, exact, with float32 activations, for\n"
+        "CPUs without bf16 units, where bf16 calibration of a 1.5B model takes hours;\n"
+        "recorded in peers.json)",
+    )
     p.add_argument(
         "--verify-kernels",
         action="store_true",
