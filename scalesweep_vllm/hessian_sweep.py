@@ -101,6 +101,9 @@ DAMP_MIN, DAMP_MAX = 1e-4, 10.0
 FACTOR_FLUSH = 2.0**-40
 #: Absolute slack of the pruning test (underflow of products below 2^-126).
 PRUNE_SLACK = 2.0**-100
+#: Rows per step of the reference: their per-code products ``[rows, K/16, 16, 16]``
+#: stay near this many elements.
+CHUNK_ELEMENTS = 2**22
 
 
 @dataclass(frozen=True)
@@ -283,6 +286,17 @@ def hessian_sweep_codes(
     tests check the bound itself; 0 is the theorem)."""
     g, _ = validate(x, global_scale)
     a, sign, y = _inputs(x, g, factors)
+    rows = max(1, CHUNK_ELEMENTS // (a.shape[1] * BLOCK_SIZE * BLOCK_SIZE))
+    parts = [
+        _sweep_rows(
+            a[i : i + rows], sign[i : i + rows], y[i : i + rows], g, factors, exhaustive, stats
+        )
+        for i in range(0, a.shape[0], rows)
+    ]
+    return torch.cat(parts) if parts else torch.ones(a.shape[:2], dtype=torch.int64)
+
+
+def _sweep_rows(a, sign, y, g, factors, exhaustive, stats):
     shape = a.shape[:2]
     if exhaustive:
         best = torch.ones(shape, dtype=torch.int64, device=a.device)

@@ -35,7 +35,7 @@ __all__ = [
     "compute_dtype",
 ]
 
-RECIPES = ("bf16", "absmax", "four_over_six", "mse", "wmse")
+RECIPES = ("bf16", "absmax", "four_over_six", "mse", "wmse", "hessian")
 DTYPES = ("auto", "bfloat16", "float32")
 SETTINGS = ("W4A16", "W4A4", "W4A4KV4", "W4A4KV4Q4")
 DEFAULT_TOKENS = 65536

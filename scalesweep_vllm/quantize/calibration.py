@@ -68,6 +68,9 @@ class LinearStats:
     amax: float = 0.0
     hessian: torch.Tensor | None = None  # float32 [K, K] sum of x x^T, shared by partners
     owns_hessian: bool = False  # this Linear's hook accumulates ``hessian``
+    #: float32 [K, K] sum of x_fp x_q^T (paired calibration: the original model's input
+    #: x_fp and the quantized model's x_q of the same token), shared like ``hessian``
+    cross: torch.Tensor | None = None
 
     def mean_sq(self) -> torch.Tensor:
         """E[x^2] per input channel (float32)."""
@@ -246,6 +249,7 @@ def calibrate_layers(
     hessians: bool = False,
     replacements: dict[str, torch.Tensor] | None = None,
     rope=None,
+    paired: bool = False,
 ) -> Iterator[tuple[int, nn.Module, LayerStats]]:
     """Yield ``(index, layer, stats)`` per decoder layer, the layer on ``device``
     in ``compute_dtype`` while the caller handles it (quantize it then); it goes
@@ -267,8 +271,12 @@ def calibrate_layers(
             f"models mixing attention layer types {sorted(kinds)} (config.layer_types) are "
             "not supported by the layer-by-layer calibration yet"
         )
+    if paired and replacements is None:
+        raise ValueError("paired calibration needs sequential replacements")
     with torch.no_grad():
         inputs = _first_layer_inputs(model, plan, tokens, batch_size, device, compute_dtype)
+        # the original model's stream (paired): same first inputs, never quantized
+        inputs_fp = list(inputs) if paired else None
         names = {id(t.module): t.name for row in plan.targets for t in row}
         layer_iter = range(len(plan.layers))
         if progress:
@@ -287,6 +295,8 @@ def calibrate_layers(
             }
             hooks = []
             shared: dict[str, torch.Tensor] = {}
+            shared_cross: dict[str, torch.Tensor] = {}
+            fp_inputs: dict[str, torch.Tensor] = {}  # paired: this batch's x_fp per group
             for t in plan.targets[i]:
                 k = t.module.in_features
                 st = LinearStats(torch.zeros(k, dtype=torch.float64, device=device))
@@ -294,14 +304,28 @@ def calibrate_layers(
                     st.owns_hessian = t.group not in shared
                     if st.owns_hessian:
                         shared[t.group] = torch.zeros(k, k, dtype=torch.float32, device=device)
+                        if paired:
+                            shared_cross[t.group] = torch.zeros_like(shared[t.group])
                     st.hessian = shared[t.group]
+                    st.cross = shared_cross.get(t.group)
                 stats.linears[t.name] = st
-                hooks.append(t.module.register_forward_pre_hook(_linear_hook(st)))
+                hooks.append(
+                    t.module.register_forward_pre_hook(_linear_hook(st, fp_inputs, t.group))
+                )
             recorder = _attention_recorder(stats, prefixes, names, rope)
             keep = replacements is None  # else the outputs come after quantization
             try:
                 with _recording_attention(config, recorder):
                     for j, (hidden, kw) in enumerate(inputs):
+                        if paired:  # the original stream first: its x_fp per group
+                            fp_inputs["record"] = True
+                            rec, _RECORDER["fn"] = _RECORDER["fn"], None  # q-stream stats only
+                            try:
+                                out = layer(inputs_fp[j][0], **inputs_fp[j][1])
+                            finally:
+                                fp_inputs.pop("record", None)
+                                _RECORDER["fn"] = rec
+                            inputs_fp[j] = (out[0] if isinstance(out, (tuple, list)) else out, kw)
                         out = layer(hidden, **kw)
                         if keep:
                             inputs[j] = (out[0] if isinstance(out, (tuple, list)) else out, kw)
@@ -335,13 +359,19 @@ def _propagate(layer, targets, inputs, replacements) -> None:
         replacements.clear()
 
 
-def _linear_hook(st: LinearStats):
+def _linear_hook(st: LinearStats, fp_inputs: dict | None = None, group: str = ""):
     def hook(_mod, args):
         x = args[0].detach()
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        if fp_inputs is not None and fp_inputs.get("record"):  # paired, original stream
+            if st.owns_hessian:
+                fp_inputs[group] = x
+            return
         st.sum_sq += (x * x).sum(dim=0, dtype=torch.float64)
         if st.owns_hessian:
             st.hessian.addmm_(x.T, x)
+            if st.cross is not None:
+                st.cross.addmm_(fp_inputs.pop(group).T, x)
         st.count += x.shape[0]
         if x.numel():
             st.amax = max(st.amax, float(x.abs().max()))

@@ -101,12 +101,20 @@ class GPTQConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     sequential: bool = True
     actorder: bool = True
+    #: ``fixed``: the block scales chosen up front (RTN's); ``inloop``: each block's
+    #: scale chosen when GPTQ reaches it (:func:`_inloop_codes`).
+    scales: str = "fixed"
+    #: EXPERIMENTAL (GPTAQ-style): fit the quantized layer on quantized inputs to the
+    #: original layer on original inputs: GPTQ of ``W* = W C H^-1`` (``C`` = E[x_fp x_q^T])
+    paired: bool = False
 
     def __post_init__(self):
         if not (isinstance(self.damp, (int, float)) and math.isfinite(self.damp)):
             raise ValueError(f"gptq damp must be a finite number, got {self.damp!r}")
         if not 0 < self.damp <= 10:
             raise ValueError(f"gptq damp must be in (0, 10], got {self.damp}")
+        if self.scales not in ("fixed", "inloop"):
+            raise ValueError(f"gptq scales must be 'fixed' or 'inloop', got {self.scales!r}")
         if self.block_size < BLOCK_SIZE or self.block_size % BLOCK_SIZE:
             raise ValueError(
                 f"gptq block_size must be a positive multiple of {BLOCK_SIZE}, "
@@ -129,7 +137,14 @@ class GPTQConfig:
         if isinstance(gptq, cls):
             return gptq
         if isinstance(gptq, dict):
-            unknown = set(gptq) - {"damp", "block_size", "sequential", "actorder"}
+            unknown = set(gptq) - {
+                "damp",
+                "block_size",
+                "sequential",
+                "actorder",
+                "scales",
+                "paired",
+            }
             if unknown:
                 raise ValueError(f"unknown gptq settings {sorted(unknown)}")
             return cls(**gptq)
@@ -144,6 +159,7 @@ class GPTQResult:
     damp_used: float
     dead_channels: int
     grid_mismatches: int  # loop rounding vs the reference's codes: 0 expected
+    scales: torch.Tensor | None = None  # float8 [N, K/16] chosen in the loop (scales="inloop")
 
 
 def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -182,6 +198,8 @@ def gptq_quantize(
     damp: float = DEFAULT_DAMP,
     block_size: int = DEFAULT_BLOCK_SIZE,
     actorder: bool = True,
+    inloop: bool = False,
+    window: tuple[int, int] = (-6, 12),
 ) -> GPTQResult:
     """GPTQ of ``weight`` [N, K] onto the NVFP4 grid of fixed ``scales`` [N, K/16]
     (float8_e4m3fn) and ``global_scale``, with ``hessian`` [K, K] ~ E[x x^T]
@@ -207,13 +225,21 @@ def gptq_quantize(
     inv = g / v.clamp(min=2.0**-9)
     step = v / g
     bperm = None
-    if actorder:
+    if actorder == "column":  # EXPERIMENTAL: columns by H_ii, each keeps its block's scale
+        if inloop:
+            raise ValueError("column-level actorder needs fixed scales")
+        perm = torch.argsort(h.diagonal(), descending=True)
+        w, h = w[:, perm], h[perm][:, perm]
+        inv = inv.repeat_interleave(BLOCK_SIZE, dim=1)[:, perm]
+        step = step.repeat_interleave(BLOCK_SIZE, dim=1)[:, perm]
+    elif actorder:
         bperm = torch.argsort(h.diagonal().view(-1, BLOCK_SIZE).sum(1), descending=True)
         perm = (bperm[:, None] * BLOCK_SIZE + torch.arange(BLOCK_SIZE, device=dev)).flatten()
         w, h = w[:, perm], h[perm][:, perm]
         inv, step = inv[:, bperm], step[:, bperm]
     u, damp_used = _factor(h, damp)
     del h
+    chosen = torch.zeros(inv.shape, dtype=torch.int64, device=dev)
     pre = torch.empty_like(w)  # each column's value when it was rounded
     qv = torch.empty_like(w)
     for i1 in range(0, k, block_size):
@@ -222,7 +248,14 @@ def gptq_quantize(
         err = torch.empty_like(w1)
         u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            b = (i1 + i) // BLOCK_SIZE
+            b = (i1 + i) if actorder == "column" else (i1 + i) // BLOCK_SIZE
+            if inloop and (i1 + i) % BLOCK_SIZE == 0:
+                c = _inloop_codes(
+                    w1[:, i : i + BLOCK_SIZE], u1[i : i + BLOCK_SIZE, i : i + BLOCK_SIZE], g, window
+                )
+                vb = nvfp4.fp8_code_to_value(c)
+                inv[:, b], step[:, b] = g / vb, vb / g
+                chosen[:, b] = c
             x = w1[:, i]
             q = nvfp4.round_e2m1(x * inv[:, b]) * step[:, b]
             pre[:, i1 + i] = x
@@ -232,14 +265,48 @@ def gptq_quantize(
             w1[:, i + 1 :].addr_(e, u1[i, i + 1 :], alpha=-1.0)
         if i2 < k:
             w[:, i2:].addmm_(err, u[i1:i2, i2:], alpha=-1.0)
+    if actorder == "column":
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(k, device=dev)
+        pre, qv = pre[:, inverse], qv[:, inverse]
     if bperm is not None:
         inverse = torch.empty_like(perm)
         inverse[perm] = torch.arange(k, device=dev)
         pre, qv = pre[:, inverse], qv[:, inverse]
+        binv = torch.empty_like(bperm)
+        binv[bperm] = torch.arange(bperm.numel(), device=dev)
+        chosen = chosen[:, binv]
+    if inloop:
+        scales = chosen.to(torch.uint8).view(torch.float8_e4m3fn)
     codes = sweep.quantize_codes(pre, g, scales.to(dev))
     ref = sweep.quantize_dequantize(pre, g, scales.to(dev))
     mismatches = int((ref != qv).sum())
-    return GPTQResult(codes, damp_used, int(dead.sum()), mismatches)
+    return GPTQResult(codes, damp_used, int(dead.sum()), mismatches, scales if inloop else None)
+
+
+def _inloop_codes(x, u, g, window):
+    """Per row, the FP8 code of the block ``x`` ``[N, 16]`` (its current, error-updated
+    weights) whose GPTQ pass over the block has the smallest loss ``sum_j e_j^2``,
+    ``e_j = (x_j - q_j) / U_jj`` with the in-block feedback (``u``: the block's 16x16
+    part of the inverse Hessian's upper Cholesky factor): the objective GPTQ's
+    rounding then minimises greedily. Candidates: ``c0 + window`` (c0: AbsMax code of
+    x); ties to the smaller code. EXPERIMENTAL: the window is not proven."""
+    amax = x.abs().amax(dim=1)
+    c0 = nvfp4.fp8_rne_code(torch.clamp((amax / 6.0) * g, max=448.0)).clamp(min=1).long()
+    offs = torch.arange(window[0], window[1] + 1, device=x.device)
+    cand = (c0[:, None] + offs[None]).clamp(1, 126)
+    v = nvfp4.fp8_code_to_value(cand)
+    inv, step = g / v, v / g
+    xx = x[:, None, :].expand(-1, cand.shape[1], -1).clone()
+    loss = torch.zeros(cand.shape, dtype=torch.float32, device=x.device)
+    for j in range(x.shape[1]):
+        xj = xx[:, :, j]
+        e = (xj - nvfp4.round_e2m1(xj * inv) * step) / u[j, j]
+        loss += e * e
+        if j + 1 < x.shape[1]:
+            xx[:, :, j + 1 :] -= e[..., None] * u[j, j + 1 :]
+    best = torch.argmin(loss, dim=1)  # first minimum: candidates ascend, ties to smaller
+    return cand.gather(1, best[:, None])[:, 0]
 
 
 def _linear_shapes(config) -> tuple[int, list[tuple[int, int]]]:

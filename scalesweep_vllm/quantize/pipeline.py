@@ -358,9 +358,10 @@ def quantize_model(
         compute_dtype,
         batch_size=batch,
         progress=progress,
-        hessians=gcfg is not None,
+        hessians=gcfg is not None or objective == "hessian",
         replacements=replacements,
         rope=HFRope(mdl) if use_rope_bias else None,
+        paired=gcfg is not None and gcfg.paired,
     ):
         groups: dict[str, list[layers.Target]] = {}
         for t in plan.targets[i]:
@@ -383,7 +384,8 @@ def quantize_model(
                 global_scale_convention,
                 sch.activations,
                 gptq=gcfg,
-                hessian=_hessian_mean(first) if gcfg is not None else None,
+                hessian=_hessian_mean(first) if first.hessian is not None else None,
+                cross=first.cross.div_(max(first.count, 1)) if first.cross is not None else None,
                 hessian_tokens=first.count,
             ):
                 quantized[q.name] = q

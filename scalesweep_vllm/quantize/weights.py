@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import kernels, nvfp4, sweep
+from .. import hessian_sweep, kernels, nvfp4, sweep
 from .gptq import GPTQConfig, gptq_quantize, output_error
 
 __all__ = ["GroupMember", "QuantizedLinear", "quantize_group"]
@@ -66,11 +66,23 @@ def _errors(
     return mse, wmse
 
 
-def _quantize(w, g_w, objective, ww):
+def block_hessians(hessian: torch.Tensor) -> torch.Tensor:
+    """The 16x16 diagonal blocks ``[K/16, 16, 16]`` of a ``[K, K]`` Hessian."""
+    k = hessian.shape[0]
+    nb = k // nvfp4.BLOCK_SIZE
+    h = hessian.reshape(nb, nvfp4.BLOCK_SIZE, nb, nvfp4.BLOCK_SIZE)
+    return torch.diagonal(h, dim1=0, dim2=2).permute(2, 0, 1)
+
+
+def _quantize(w, g_w, objective, ww, factors=None):
     """Codes and scales of one weight; ``four_over_six`` (an evaluation baseline, not
-    a kernel method) by the torch reference."""
-    if objective == "four_over_six":
-        scales = sweep.four_over_six_scales(w, g_w)
+    a kernel method) and ``hessian`` (``factors``: the group's
+    :class:`~scalesweep_vllm.hessian_sweep.HessianFactors`) by the torch reference."""
+    if objective in ("four_over_six", "hessian"):
+        if objective == "hessian":
+            scales = hessian_sweep.hessian_sweep_scales(w, g_w, factors)
+        else:
+            scales = sweep.four_over_six_scales(w, g_w)
         return nvfp4.pack_fp4(sweep.quantize_codes(w, g_w, scales)), scales
     return kernels.quantize(w, g_w, method=objective, weight=ww if objective == "wmse" else None)
 
@@ -84,6 +96,7 @@ def quantize_group(
     gptq: GPTQConfig | None = None,
     hessian: torch.Tensor | None = None,
     hessian_tokens: int = 0,
+    cross: torch.Tensor | None = None,
 ) -> list[QuantizedLinear]:
     """Quantize one fused group with shared global scales; see the module docstring.
 
@@ -100,6 +113,13 @@ def quantize_group(
     g_w = nvfp4.global_scale(weight_amax, convention).to(wf[0].device)
     g_a = nvfp4.global_scale(input_amax, convention) if activations else None
     names = [m.name for m in members]
+    factors = None
+    if objective == "hessian":
+        if hessian is None or hessian_tokens <= 0:
+            raise ValueError(f"objective hessian: no calibration Hessian for {names[0]}")
+        factors = hessian_sweep.hessian_factors(
+            block_hessians(hessian.to(wf[0].device)), damp=hessian_sweep.DEFAULT_DAMP
+        )
     out = []
     rtn: list[tuple[torch.Tensor, torch.Tensor]] = []
     for m, w in zip(members, wf, strict=True):
@@ -108,7 +128,7 @@ def quantize_group(
                 f"layer {m.name}: weight has NaN/Inf values; NVFP4 cannot represent them"
             )
         ww = m.wmse_weight.to(w.device) if m.wmse_weight is not None else None
-        packed, scales = _quantize(w, g_w, objective, ww)
+        packed, scales = _quantize(w, g_w, objective, ww, factors)
         rec = {}
         if metrics:
             w_hat = kernels.dequantize(packed, scales, g_w, dtype=torch.float32)
@@ -144,7 +164,30 @@ def quantize_group(
             )
         )
     if gptq is not None:
-        _apply_gptq(out, wf, rtn, g_w, gptq, hessian, hessian_tokens, metrics)
+        if cross is not None:  # GPTAQ-style target (GPTQConfig.paired)
+            wf_target = _paired_target(wf, hessian, cross, gptq.damp)
+        else:
+            wf_target = wf
+        _apply_gptq(out, wf_target, rtn, g_w, gptq, hessian, hessian_tokens, metrics)
+    return out
+
+
+def _paired_target(wf, hessian, cross, damp):
+    """``W* = W C H^-1 = W + W (C - H) H^-1`` (H damped in the correction): the
+    unquantized weights that, on the quantized inputs (``H = E[x_q x_q^T]``), best
+    reproduce the original layer on the original inputs
+    (``C = E[x_fp x_q^T]``); then ``||X W^T - X_q W_q^T||^2 = ||X_q (W* - W_q)^T||^2 +
+    const``, which GPTQ minimises."""
+    h = hessian.to(torch.float64)
+    c = cross.to(h.device, torch.float64) - h  # W* = W + W (C - H) H^-1: W where C = H
+    hd = h.clone()
+    hd.diagonal().add_(damp * float(h.diagonal().mean()))
+    chol = torch.linalg.cholesky(hd)
+    out = []
+    for w in wf:
+        rhs = (w.to(torch.float64) @ c).T
+        corr = torch.cholesky_solve(rhs, chol).T
+        out.append((w.to(torch.float64) + corr).to(torch.float32).contiguous())
     return out
 
 
@@ -174,6 +217,7 @@ def _apply_gptq(out, wf, rtn, g_w, cfg, hessian, tokens, metrics) -> None:
         damp=cfg.damp,
         block_size=cfg.block_size,
         actorder=cfg.actorder,
+        inloop=cfg.scales == "inloop",
     )
     if res.grid_mismatches:  # the reference's rounding changed under the loop's
         warnings.warn(
@@ -184,6 +228,11 @@ def _apply_gptq(out, wf, rtn, g_w, cfg, hessian, tokens, metrics) -> None:
     row = 0
     for q, w, (p_rtn, s_rtn) in zip(out, wf, rtn, strict=True):
         codes = res.codes[row : row + w.shape[0]]
+        if res.scales is not None:
+            s_gq = res.scales[row : row + w.shape[0]].contiguous()
+            q.weight_scale = s_gq.cpu()
+        else:
+            s_gq = s_rtn
         row += w.shape[0]
         q.weight_packed = nvfp4.pack_fp4(codes).cpu()
         q.metrics["gptq"] = "ok"
@@ -192,7 +241,9 @@ def _apply_gptq(out, wf, rtn, g_w, cfg, hessian, tokens, metrics) -> None:
         q.metrics["gptq_grid_mismatches"] = res.grid_mismatches
         if metrics:
             w_rtn = kernels.dequantize(p_rtn, s_rtn, g_w, dtype=torch.float32)
-            w_gq = kernels.dequantize(q.weight_packed.to(dev), s_rtn, g_w, dtype=torch.float32)
+            w_gq = kernels.dequantize(
+                q.weight_packed.to(dev), s_gq.to(dev), g_w, dtype=torch.float32
+            )
             ref = output_error(w, h)
             q.metrics["mse_gptq"] = float((w - w_gq).square().mean())
             q.metrics["out_err_rtn"] = output_error(w - w_rtn, h) / ref if ref > 0 else 0.0

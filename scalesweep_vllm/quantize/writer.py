@@ -29,7 +29,7 @@ from .. import __version__, rope_bias
 from ..nvfp4 import BLOCK_SIZE
 from ..sweep import BOUNDS_VERSION
 from . import preflight
-from .scheme import Scheme
+from .scheme import Scheme, runtime_method
 from .weights import QuantizedLinear
 
 __all__ = [
@@ -267,9 +267,9 @@ def metadata(
         "bounds_version": BOUNDS_VERSION,
         "global_scale_convention": convention,
         "group_size": BLOCK_SIZE,
-        "activations": {"enabled": scheme.activations, "method": objective},
-        "kv_cache": {"enabled": scheme.kv_cache, "method": objective},
-        "query": {"enabled": scheme.query, "method": objective},
+        "activations": {"enabled": scheme.activations, "method": runtime_method(objective)},
+        "kv_cache": {"enabled": scheme.kv_cache, "method": runtime_method(objective)},
+        "query": {"enabled": scheme.query, "method": runtime_method(objective)},
         "vectors_file": VECTORS_FILE,
         "attention": attention,
         "ignore": list(ignore),
