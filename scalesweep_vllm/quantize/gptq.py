@@ -199,7 +199,6 @@ def gptq_quantize(
     block_size: int = DEFAULT_BLOCK_SIZE,
     actorder: bool = True,
     inloop: bool = False,
-    window: tuple[int, int] = (-6, 12),
 ) -> GPTQResult:
     """GPTQ of ``weight`` [N, K] onto the NVFP4 grid of fixed ``scales`` [N, K/16]
     (float8_e4m3fn) and ``global_scale``, with ``hessian`` [K, K] ~ E[x x^T]
@@ -251,7 +250,7 @@ def gptq_quantize(
             b = (i1 + i) if actorder == "column" else (i1 + i) // BLOCK_SIZE
             if inloop and (i1 + i) % BLOCK_SIZE == 0:
                 c = _inloop_codes(
-                    w1[:, i : i + BLOCK_SIZE], u1[i : i + BLOCK_SIZE, i : i + BLOCK_SIZE], g, window
+                    w1[:, i : i + BLOCK_SIZE], u1[i : i + BLOCK_SIZE, i : i + BLOCK_SIZE], g
                 )
                 vb = nvfp4.fp8_code_to_value(c)
                 inv[:, b], step[:, b] = g / vb, vb / g
@@ -284,17 +283,11 @@ def gptq_quantize(
     return GPTQResult(codes, damp_used, int(dead.sum()), mismatches, scales if inloop else None)
 
 
-def _inloop_codes(x, u, g, window):
-    """Per row, the FP8 code of the block ``x`` ``[N, 16]`` (its current, error-updated
-    weights) whose GPTQ pass over the block has the smallest loss ``sum_j e_j^2``,
-    ``e_j = (x_j - q_j) / U_jj`` with the in-block feedback (``u``: the block's 16x16
-    part of the inverse Hessian's upper Cholesky factor): the objective GPTQ's
-    rounding then minimises greedily. Candidates: ``c0 + window`` (c0: AbsMax code of
-    x); ties to the smaller code. EXPERIMENTAL: the window is not proven."""
-    amax = x.abs().amax(dim=1)
-    c0 = nvfp4.fp8_rne_code(torch.clamp((amax / 6.0) * g, max=448.0)).clamp(min=1).long()
-    offs = torch.arange(window[0], window[1] + 1, device=x.device)
-    cand = (c0[:, None] + offs[None]).clamp(1, 126)
+def _block_losses(x, u, g, cand):
+    """GPTQ's loss over one block for candidate codes ``cand`` ``[N, C]``: ``sum_j
+    e_j^2``, ``e_j = (x_j - q_j) / U_jj`` with the in-block feedback ``x_{j+1:} -=
+    e_j U_{j, j+1:}`` (``x`` ``[N, 16]``: the block's current weights; ``u``: the
+    block's 16x16 part of the upper Cholesky factor of the inverse Hessian)."""
     v = nvfp4.fp8_code_to_value(cand)
     inv, step = g / v, v / g
     xx = x[:, None, :].expand(-1, cand.shape[1], -1).clone()
@@ -305,8 +298,54 @@ def _inloop_codes(x, u, g, window):
         loss += e * e
         if j + 1 < x.shape[1]:
             xx[:, :, j + 1 :] -= e[..., None] * u[j, j + 1 :]
-    best = torch.argmin(loss, dim=1)  # first minimum: candidates ascend, ties to smaller
-    return cand.gather(1, best[:, None])[:, 0]
+    return loss
+
+
+def _zero_trajectory_code(x, u, g):
+    """Per row, the first code from which every weight of the block rounds to 0: the
+    feedback then runs on ``x`` alone, the same at every larger code (bit for bit),
+    so larger codes tie with it and lose the tie."""
+    t = x.clone()
+    for j in range(x.shape[1] - 1):
+        t[:, j + 1 :] -= (t[:, j] / u[j, j])[:, None] * u[j, j + 1 :]
+    m = t.abs().amax(dim=1)
+    hi = torch.full(m.shape, nvfp4.FP8_MAX_CODE, dtype=torch.int64, device=x.device)
+    for c in range(nvfp4.FP8_MAX_CODE, 0, -1):
+        v = nvfp4.fp8_code_to_value(torch.tensor(c, device=x.device))
+        hi = torch.where(nvfp4.round_e2m1(m * (g / v)) == 0, c, hi)
+    return hi
+
+
+def _inloop_codes(x, u, g, exhaustive: bool = False):
+    """Per row, the FP8 code of the block ``x`` ``[N, 16]`` (its current, error-updated
+    weights) with the smallest GPTQ loss over the block (:func:`_block_losses`): the
+    objective GPTQ's rounding then minimises greedily. Ties to the smaller code.
+
+    Window (``exhaustive=True`` tries all 126 codes instead; tests compare):
+    in exact arithmetic the loss is ``delta^T M delta`` with ``delta = x - s q`` (the
+    block's error against its weights at block start: ``delta = U^T e``) and ``M^-1 =
+    U^T U``, so it is at least ``delta_i^2 / P_ii`` with ``P_ii = sum_k U_ki^2``
+    (Cauchy-Schwarz, as in :mod:`scalesweep_vllm.hessian_sweep`); a code with ``6 s <
+    |x_i|`` clips: ``|delta_i| >= |x_i| - 6 s``. So codes whose clipping alone costs
+    more than the AbsMax code's loss lose (``lo``, with a relative margin of 2^-8 for
+    fp32 rounding), and codes from :func:`_zero_trajectory_code` on tie (``hi``)."""
+    n = x.shape[0]
+    if exhaustive:
+        cand = torch.arange(1, nvfp4.FP8_MAX_CODE + 1, device=x.device).expand(n, -1)
+        return cand.gather(1, torch.argmin(_block_losses(x, u, g, cand), 1)[:, None])[:, 0]
+    amax = x.abs().amax(dim=1)
+    c0 = nvfp4.fp8_rne_code(torch.clamp((amax / 6.0) * g, max=448.0)).clamp(min=1).long()
+    e0 = _block_losses(x, u, g, c0[:, None])[:, 0] * (1 + 2.0**-8)
+    p = (u * u).sum(dim=0)  # P_ii = (U^T U)_ii
+    room = torch.sqrt(e0[:, None] * p[None, :])
+    t = ((x.abs() - room).amax(dim=1) * g / 6.0) * (1 - 2.0**-8)
+    lo = torch.where(t > 0, nvfp4.fp8_ceil_code(t.clamp(min=0)).long(), 1)
+    lo = torch.minimum(lo, c0)
+    hi = torch.maximum(_zero_trajectory_code(x, u, g), c0)
+    cand = torch.arange(int(lo.min()), int(hi.max()) + 1, device=x.device).expand(n, -1)
+    loss = _block_losses(x, u, g, cand)
+    loss = torch.where((cand >= lo[:, None]) & (cand <= hi[:, None]), loss, float("inf"))
+    return cand.gather(1, torch.argmin(loss, dim=1)[:, None])[:, 0]
 
 
 def _linear_shapes(config) -> tuple[int, list[tuple[int, int]]]:
