@@ -68,6 +68,13 @@ RECIPES = {
         "recipe": "general/ptq/nvfp4_default-kv_none-gptq",
         "layerwise_checkpoint_dir": True,  # <out>/<name>.layerwise_ckpts
     },
+    # ModelOpt's stacking (its ptq.md: "mse + gptq combines an MSE-searched weight scale
+    # with GPTQ's layerwise update"): the Local-Hessian preset's quant_cfg, its algorithm
+    # then the GPTQ recipe's, as a list (QuantizeAlgoCfgType accepts one)
+    "modelopt-nvfp4-local-hessian-gptq": {
+        "stack": ["modelopt-nvfp4-local-hessian", "modelopt-nvfp4-gptq"],
+        "layerwise_checkpoint_dir": True,
+    },
 }
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -334,7 +341,11 @@ def _verify_cases(g, fp8_vals):
 
 
 def _config(spec: dict, overrides: list[str]) -> dict:
-    """The QuantizeConfig dict ModelOpt itself builds from the preset / recipe file."""
+    """The QuantizeConfig dict ModelOpt itself builds from the preset / recipe file
+    (``stack``: the first's config with every member's algorithm, in order)."""
+    if "stack" in spec:
+        parts = [_config(RECIPES[n], overrides) for n in spec["stack"]]
+        return {**parts[0], "algorithm": [p["algorithm"] for p in parts]}
     if "preset" in spec:
         from modelopt.torch.quantization.config import _load_quantize_config_dict
 

@@ -54,6 +54,18 @@ keep their order. Measured on the default model (benchmarks/RESULTS.md): it
 doubles what GPTQ removes of round-to-nearest's KL divergence (W4A16: 24% instead
 of 11%), at no measurable cost.
 
+Experimental variants (issue 25; measured in benchmarks/RESULTS.md, not defaults):
+
+* ``scales="inloop"``: each block's FP8 scale is chosen when the loop reaches the
+  block, from its error-updated weights, by GPTQ's own loss over the block
+  (:func:`_inloop_codes`, proven window), instead of up front on the original
+  weights. The written scales are then these.
+* ``paired=True`` (GPTAQ-style): calibration runs the original and the quantized
+  model side by side, and GPTQ fits ``X_q W_q^T`` to the original ``X W^T``: GPTQ of
+  ``W* = W C H^-1`` with ``C = E[x_fp x_q^T]`` (``weights._paired_target``).
+* ``actorder="column"``: GPTQ's own column order by ``H_ii``, every column keeping
+  its block's fixed scale (so the permutation need not move whole blocks).
+
 State: ``H`` is accumulated in float32 (``addmm`` per calibration batch of a few
 thousand tokens; its entries are sums of positive-and-negative products, and the
 float32 relative error, ~1e-6 per batch, is far below the 1% damping), and the

@@ -1,0 +1,71 @@
+"""Weight-path variants of issue 25 on the default model, W4A16 KLD to BF16.
+
+Each spec is quantized in memory by the offline quantizer (64 x 256 Wikipedia
+calibration tokens unless ``_n``) and scored by the evaluation on the first 16,384
+held-out tokens (float32, as ``benchmarks/task_table.py``'s KLD column), one JSON
+line per spec appended to ``--out``::
+
+    python studies/gptq_variants.py --out studies/gptq_variants_w4a16.jsonl \\
+        'wmse:{"scales":"inloop","_conv":"paper"}' 'wmse:{"actorder":"column"}' hessian
+
+A spec is ``recipe[:json]``: the recipe (absmax, mse, wmse, hessian, four_over_six);
+without json, round to nearest; with it, GPTQ with those settings
+(:class:`scalesweep_vllm.quantize.gptq.GPTQConfig`) plus ``_conv`` (global-scale
+convention), ``_n`` (calibration samples), ``_damp`` (the hessian objective's damping),
+``_rtn`` (no GPTQ).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from scalesweep_vllm import hessian_sweep
+from scalesweep_vllm.evaluate.run import prepare, quantize_recipe, score_checkpoint
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("specs", nargs="+")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    ctx = prepare(None, args.tokens, progress=False, dtype="float32")
+    for spec in args.specs:
+        recipe, _, g = spec.partition(":")
+        opts = json.loads(g) if g else None
+        kw = {}
+        if opts is not None:
+            if "_conv" in opts:
+                kw["convention"] = opts.pop("_conv")
+            if "_n" in opts:
+                kw["num_samples"] = opts.pop("_n")
+            if "_damp" in opts:
+                hessian_sweep.DEFAULT_DAMP = opts.pop("_damp")
+            if opts.pop("_rtn", False):
+                opts = None
+        t0 = time.time()
+        ck = quantize_recipe(
+            ctx.model_dir, recipe, progress=False, gptq=False if opts is None else opts, **kw
+        )
+        tq = time.time() - t0
+        row = score_checkpoint(ctx, ck, "W4A16")
+        row.update(spec=spec, quant_s=tq, hessian_damp=hessian_sweep.DEFAULT_DAMP)
+        h = row.get("halves") or [{}, {}]
+        print(
+            f"{spec}: kld {row['kld_mean']:.4f} (halves {h[0].get('kld_mean', 0):.4f} / "
+            f"{h[1].get('kld_mean', 0):.4f}), ppl {row['ppl']:.3f}, quantized in {tq:.0f} s",
+            flush=True,
+        )
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
