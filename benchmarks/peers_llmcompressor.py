@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from peers_args import add_dtype  # benchmarks/ (the script's folder) is on sys.path
+
 RECIPES = {
     "llmc-nvfp4-minmax": {"modifier": "QuantizationModifier", "kwargs": {}},
     "llmc-nvfp4-mse": {"modifier": "QuantizationModifier", "kwargs": {"weight_observer": "mse"}},
@@ -133,15 +135,7 @@ def main() -> int:
     p.add_argument("--out", default="peers")
     p.add_argument("--recipes", nargs="*", default=list(RECIPES))
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument(
-        "--dtype",
-        default="bfloat16",
-        choices=("bfloat16", "float32"),
-        help="dtype the model is loaded and calibrated in (bfloat16: as the tool's users\n"
-        "run it; float32: the same bf16 weights, exact, with float32 activations, for\n"
-        "CPUs without bf16 units, where bf16 calibration of a 1.5B model takes hours;\n"
-        "recorded in peers.json)",
-    )
+    add_dtype(p)
     args = p.parse_args()
     if args.export_tokens:
         export_tokens(args.export_tokens, args.model)
