@@ -87,6 +87,7 @@ from .sweep import (
 __all__ = [
     "DEFAULT_DAMP",
     "HessianFactors",
+    "first_zero_code",
     "hessian_candidate_errors",
     "hessian_factors",
     "hessian_sweep_codes",
@@ -232,13 +233,15 @@ def hessian_candidate_errors(
 # ---------------------------------------------------------------------------
 
 
-def _first_zero_code(a, g):
-    """Per block, the first code at which the largest element rounds to 0 (126 if
-    none): from there on every code has the same E (module docstring)."""
-    m = a.amax(dim=-1)
-    hi = torch.full(m.shape, FP8_MAX_CODE, dtype=torch.int64, device=a.device)
+def first_zero_code(m: torch.Tensor, g) -> torch.Tensor:
+    """Per element of ``m`` (magnitudes >= 0, e.g. a block's largest), the first FP8
+    code at which ``round_e2m1(m * (G / v))`` is 0 (126 if none), int64. Rounding only
+    falls as the code grows, so every larger code rounds it, and anything smaller,
+    to 0 too: the upper end of the block-Hessian window here and of GPTQ's in-loop
+    window (:func:`scalesweep_vllm.quantize.gptq._inloop_codes`)."""
+    hi = torch.full(m.shape, FP8_MAX_CODE, dtype=torch.int64, device=m.device)
     for c in range(FP8_MAX_CODE, 0, -1):  # descending: the last hit is the first code
-        v = fp8_code_to_value(torch.tensor(c, device=a.device))
+        v = fp8_code_to_value(torch.tensor(c, device=m.device))
         hi = torch.where(round_e2m1_magnitude(m * (g / v)) == 0, c, hi)
     return hi
 
@@ -249,7 +252,7 @@ def _window(a, sign, y, g, factors):
     w = factors.w[None].expand(a.shape)
     lo = _clip_lo(a.reshape(-1, BLOCK_SIZE), g, w.reshape(-1, BLOCK_SIZE), e0.reshape(-1))
     lo = torch.minimum(lo.reshape(c0.shape), c0)
-    hi = torch.maximum(_first_zero_code(a, g), c0)
+    hi = torch.maximum(first_zero_code(a.amax(dim=-1), g), c0)
     return c0, e0, lo, hi
 
 

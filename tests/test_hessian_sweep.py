@@ -12,9 +12,7 @@ from scalesweep_vllm.sweep import absmax_codes, quantize_dequantize
 
 def block_hessians(x: torch.Tensor) -> torch.Tensor:
     """Diagonal 16x16 blocks of X^T X / n, computed the obvious way."""
-    k = x.shape[1]
-    h = x.double().T @ x.double() / x.shape[0]
-    return torch.stack([h[i : i + 16, i : i + 16] for i in range(0, k, 16)])
+    return block_hessians_of(x.double().T @ x.double() / x.shape[0])
 
 
 def activations(tokens, k, seed, corr=0.3, outliers=(), dead=(), dead_blocks=()):

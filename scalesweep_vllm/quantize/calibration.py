@@ -325,10 +325,10 @@ def calibrate_layers(
                             finally:
                                 fp_inputs.pop("record", None)
                                 _RECORDER["fn"] = rec
-                            inputs_fp[j] = (out[0] if isinstance(out, (tuple, list)) else out, kw)
+                            inputs_fp[j] = (_hidden(out), kw)
                         out = layer(hidden, **kw)
                         if keep:
-                            inputs[j] = (out[0] if isinstance(out, (tuple, list)) else out, kw)
+                            inputs[j] = (_hidden(out), kw)
                         del out
             finally:
                 for h in hooks:
@@ -338,6 +338,11 @@ def calibrate_layers(
             if not keep:
                 _propagate(layer, plan.targets[i], inputs, replacements)
             _move(layer, torch.device("cpu"), orig_dtype)
+
+
+def _hidden(out):
+    """A decoder layer's output hidden states (some layers return a tuple)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _propagate(layer, targets, inputs, replacements) -> None:
@@ -352,7 +357,7 @@ def _propagate(layer, targets, inputs, replacements) -> None:
                 t.module.weight.data = new.to(t.module.weight.device, t.module.weight.dtype)
         for j, (hidden, kw) in enumerate(inputs):
             out = layer(hidden, **kw)
-            inputs[j] = (out[0] if isinstance(out, (tuple, list)) else out, kw)
+            inputs[j] = (_hidden(out), kw)
     finally:
         for p, data in saved:
             p.data = data

@@ -80,6 +80,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .. import nvfp4, sweep
+from ..hessian_sweep import first_zero_code
 from ..nvfp4 import BLOCK_SIZE
 
 __all__ = [
@@ -235,7 +236,7 @@ def gptq_quantize(
     # the reference's arithmetic (sweep.quantize_codes): r = x * (G / v), decode (v / G) q
     inv = g / v.clamp(min=2.0**-9)
     step = v / g
-    bperm = None
+    perm = bperm = None
     if actorder == "column":  # EXPERIMENTAL: columns by H_ii, each keeps its block's scale
         if inloop:
             raise ValueError("column-level actorder needs fixed scales")
@@ -250,7 +251,7 @@ def gptq_quantize(
         inv, step = inv[:, bperm], step[:, bperm]
     u, damp_used = _factor(h, damp)
     del h
-    chosen = torch.zeros(inv.shape, dtype=torch.int64, device=dev)
+    chosen = torch.zeros(inv.shape, dtype=torch.int64, device=dev) if inloop else None
     pre = torch.empty_like(w)  # each column's value when it was rounded
     qv = torch.empty_like(w)
     for i1 in range(0, k, block_size):
@@ -276,14 +277,11 @@ def gptq_quantize(
             w1[:, i + 1 :].addr_(e, u1[i, i + 1 :], alpha=-1.0)
         if i2 < k:
             w[:, i2:].addmm_(err, u[i1:i2, i2:], alpha=-1.0)
-    if actorder == "column":
+    if perm is not None:
         inverse = torch.empty_like(perm)
         inverse[perm] = torch.arange(k, device=dev)
         pre, qv = pre[:, inverse], qv[:, inverse]
-    if bperm is not None:
-        inverse = torch.empty_like(perm)
-        inverse[perm] = torch.arange(k, device=dev)
-        pre, qv = pre[:, inverse], qv[:, inverse]
+    if bperm is not None and inloop:
         binv = torch.empty_like(bperm)
         binv[bperm] = torch.arange(bperm.numel(), device=dev)
         chosen = chosen[:, binv]
@@ -320,12 +318,7 @@ def _zero_trajectory_code(x, u, g):
     t = x.clone()
     for j in range(x.shape[1] - 1):
         t[:, j + 1 :] -= (t[:, j] / u[j, j])[:, None] * u[j, j + 1 :]
-    m = t.abs().amax(dim=1)
-    hi = torch.full(m.shape, nvfp4.FP8_MAX_CODE, dtype=torch.int64, device=x.device)
-    for c in range(nvfp4.FP8_MAX_CODE, 0, -1):
-        v = nvfp4.fp8_code_to_value(torch.tensor(c, device=x.device))
-        hi = torch.where(nvfp4.round_e2m1(m * (g / v)) == 0, c, hi)
-    return hi
+    return first_zero_code(t.abs().amax(dim=1), g)
 
 
 def _inloop_codes(x, u, g, exhaustive: bool = False):
@@ -340,19 +333,18 @@ def _inloop_codes(x, u, g, exhaustive: bool = False):
     (Cauchy-Schwarz, as in :mod:`scalesweep_vllm.hessian_sweep`); a code with ``6 s <
     |x_i|`` clips: ``|delta_i| >= |x_i| - 6 s``. So codes whose clipping alone costs
     more than the AbsMax code's loss lose (``lo``, with a relative margin of 2^-8 for
-    fp32 rounding), and codes from :func:`_zero_trajectory_code` on tie (``hi``)."""
+    fp32 rounding: :func:`scalesweep_vllm.sweep._clip_lo`), and codes from
+    :func:`_zero_trajectory_code` on tie (``hi``)."""
     n = x.shape[0]
     if exhaustive:
         cand = torch.arange(1, nvfp4.FP8_MAX_CODE + 1, device=x.device).expand(n, -1)
         return cand.gather(1, torch.argmin(_block_losses(x, u, g, cand), 1)[:, None])[:, 0]
-    amax = x.abs().amax(dim=1)
-    c0 = nvfp4.fp8_rne_code(torch.clamp((amax / 6.0) * g, max=448.0)).clamp(min=1).long()
-    e0 = _block_losses(x, u, g, c0[:, None])[:, 0] * (1 + 2.0**-8)
-    p = (u * u).sum(dim=0)  # P_ii = (U^T U)_ii
-    room = torch.sqrt(e0[:, None] * p[None, :])
-    t = ((x.abs() - room).amax(dim=1) * g / 6.0) * (1 - 2.0**-8)
-    lo = torch.where(t > 0, nvfp4.fp8_ceil_code(t.clamp(min=0)).long(), 1)
-    lo = torch.minimum(lo, c0)
+    a = x.abs()
+    c0 = sweep._absmax_codes_blocks(a, g)
+    e0 = _block_losses(x, u, g, c0[:, None])[:, 0]
+    w = (1.0 / (u * u).sum(dim=0)).expand_as(a)  # 1 / P_ii, P_ii = (U^T U)_ii
+    # the sweep's clip bound, in its G-scaled units (loss * G^2)
+    lo = torch.minimum(sweep._clip_lo(a, g, w, e0 * (g * g)), c0)
     hi = torch.maximum(_zero_trajectory_code(x, u, g), c0)
     cand = torch.arange(int(lo.min()), int(hi.max()) + 1, device=x.device).expand(n, -1)
     loss = _block_losses(x, u, g, cand)

@@ -384,8 +384,8 @@ def quantize_model(
                 global_scale_convention,
                 sch.activations,
                 gptq=gcfg,
-                hessian=_hessian_mean(first) if first.hessian is not None else None,
-                cross=first.cross.div_(max(first.count, 1)) if first.cross is not None else None,
+                hessian=_per_token(first.hessian, first),
+                cross=_per_token(first.cross, first),
                 hessian_tokens=first.count,
             ):
                 quantized[q.name] = q
@@ -476,10 +476,11 @@ def _resolve_rope_bias(mode: str | bool, model: nn.Module, sch) -> bool:
     return biased and served
 
 
-def _hessian_mean(st: calibration.LinearStats) -> torch.Tensor:
-    """``H / n`` in place (no second K x K copy on the device); the group's stats are
-    not used afterwards."""
-    return st.hessian.div_(max(st.count, 1))
+def _per_token(total: torch.Tensor | None, st: calibration.LinearStats):
+    """A group's summed statistic (``hessian`` or ``cross``) divided in place by its
+    token count (no second K x K copy on the device; the group's stats are not used
+    afterwards); None stays None."""
+    return None if total is None else total.div_(max(st.count, 1))
 
 
 def _gptq_meta(cfg: GPTQConfig | None, rows: list[dict]) -> dict:

@@ -78,13 +78,15 @@ def _quantize(w, g_w, objective, ww, factors=None):
     """Codes and scales of one weight; ``four_over_six`` (an evaluation baseline, not
     a kernel method) and ``hessian`` (``factors``: the group's
     :class:`~scalesweep_vllm.hessian_sweep.HessianFactors`) by the torch reference."""
-    if objective in ("four_over_six", "hessian"):
-        if objective == "hessian":
-            scales = hessian_sweep.hessian_sweep_scales(w, g_w, factors)
-        else:
-            scales = sweep.four_over_six_scales(w, g_w)
-        return nvfp4.pack_fp4(sweep.quantize_codes(w, g_w, scales)), scales
-    return kernels.quantize(w, g_w, method=objective, weight=ww if objective == "wmse" else None)
+    if objective == "hessian":
+        scales = hessian_sweep.hessian_sweep_scales(w, g_w, factors)
+    elif objective == "four_over_six":
+        scales = sweep.four_over_six_scales(w, g_w)
+    else:
+        return kernels.quantize(
+            w, g_w, method=objective, weight=ww if objective == "wmse" else None
+        )
+    return nvfp4.pack_fp4(sweep.quantize_codes(w, g_w, scales)), scales
 
 
 def quantize_group(
