@@ -1,4 +1,5 @@
-"""Weight-path variants of issue 25 on the default model, W4A16 KLD to BF16.
+"""Weight-path variants of issue 25 on the default model, KLD to BF16 (W4A16 unless
+``--settings``).
 
 Each spec is quantized in memory by the offline quantizer (64 x 256 Wikipedia
 calibration tokens unless ``_n``) and scored by the evaluation on the first 16,384
@@ -33,6 +34,9 @@ def main() -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--settings", nargs="+", default=["W4A16"], help="score each checkpoint in these"
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     ctx = prepare(None, args.tokens, progress=False, dtype="float32")
@@ -54,16 +58,18 @@ def main() -> int:
             ctx.model_dir, recipe, progress=False, gptq=False if opts is None else opts, **kw
         )
         tq = time.time() - t0
-        row = score_checkpoint(ctx, ck, "W4A16")
-        row.update(spec=spec, quant_s=tq, hessian_damp=hessian_sweep.DEFAULT_DAMP)
-        h = row.get("halves") or [{}, {}]
-        print(
-            f"{spec}: kld {row['kld_mean']:.4f} (halves {h[0].get('kld_mean', 0):.4f} / "
-            f"{h[1].get('kld_mean', 0):.4f}), ppl {row['ppl']:.3f}, quantized in {tq:.0f} s",
-            flush=True,
-        )
-        with open(args.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        for setting in args.settings:
+            row = score_checkpoint(ctx, ck, setting)
+            row.update(spec=spec, quant_s=tq, hessian_damp=hessian_sweep.DEFAULT_DAMP)
+            h = row.get("halves") or [{}, {}]
+            print(
+                f"{spec} {setting}: kld {row['kld_mean']:.4f} (halves "
+                f"{h[0].get('kld_mean', 0):.4f} / {h[1].get('kld_mean', 0):.4f}), "
+                f"ppl {row['ppl']:.3f}, quantized in {tq:.0f} s",
+                flush=True,
+            )
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
     return 0
 
 

@@ -14,6 +14,10 @@ API (stable; the offline quantizer and the vLLM plugin call only these):
 * ``fake_quantize(x, global_scale, method="mse", weight=None, backend="auto")``
   -> quantize-dequantize, same shape and dtype as x
 
+* ``hessian_sweep_scales(x, global_scale, factors, backend="auto")`` -> FP8 scales of
+  the block-Hessian objective (:mod:`scalesweep_vllm.hessian_sweep`; C++ on CPU, the
+  reference elsewhere)
+
 ``method``: "absmax" | "mse" | "wmse" ("wmse" needs ``weight`` >= 0: a per-column
 vector of length K, a per-head [H, K] weight for x [..., H, K], or anything else that
 broadcasts to x's trailing dims; the torch path takes any broadcastable weight).
@@ -26,6 +30,6 @@ by the CPU tests).
 
 from __future__ import annotations
 
-from .dispatch import METHODS, dequantize, fake_quantize, quantize
+from .dispatch import METHODS, dequantize, fake_quantize, hessian_sweep_scales, quantize
 
-__all__ = ["METHODS", "dequantize", "fake_quantize", "quantize"]
+__all__ = ["METHODS", "dequantize", "fake_quantize", "hessian_sweep_scales", "quantize"]

@@ -38,7 +38,7 @@ import weakref
 
 import torch
 
-from .. import nvfp4, sweep
+from .. import hessian_sweep, nvfp4, sweep
 
 __all__ = [
     "DISABLE_ENV",
@@ -47,6 +47,7 @@ __all__ = [
     "build_log",
     "dequantize",
     "fake_quantize",
+    "hessian_codes",
     "load",
     "isa",
     "quantize",
@@ -102,6 +103,7 @@ def _checked(mod):
         float(sweep.UPPER_OFFSET),
         float(sweep.MSE_STAGE1_OFFSET),
         float(nvfp4.FP8_MAX_CODE),
+        hessian_sweep.PRUNE_SLACK,
     ]
     if list(consts) != want:
         raise RuntimeError(f"compiled constants {list(consts)} differ from sweep.py's {want}")
@@ -309,3 +311,28 @@ def dequantize(packed, scales, global_scale, dtype):
     s2 = scales.reshape(-1, scales.shape[-1]).contiguous().view(torch.uint8)
     out = mod.dequant(p2, s2, float(g.reshape(())), dtype, _FP8_TABLE)
     return out.reshape(tuple(packed.shape[:-1]) + (k2 * 2,))
+
+
+#: (candidates, forms) of the last :func:`hessian_codes` call, for the benchmark.
+LAST_HESSIAN_WORK = [0, 0]
+
+
+def hessian_codes(x: torch.Tensor, global_scale, factors) -> torch.Tensor | None:
+    """:func:`scalesweep_vllm.hessian_sweep.hessian_sweep_codes` (int64 ``[N, K/16]``)
+    by the extension, or None to use the reference. Inputs outside the reference's
+    domain raise its error (:func:`scalesweep_vllm.sweep.validate` first)."""
+    mod = load()
+    if mod is None or x.device.type != "cpu" or x.dim() != 2 or x.numel() == 0:
+        return None
+    if factors.L.device.type != "cpu" or x.shape[1] != factors.num_blocks * nvfp4.BLOCK_SIZE:
+        return None  # the reference raises its error
+    g, _ = sweep.validate(x, global_scale)
+    codes, cands, forms = mod.hessian(
+        x.detach().to(torch.float32).contiguous(),
+        float(g.reshape(())),
+        factors.L.contiguous(),
+        factors.w.contiguous(),
+        factors.lam.contiguous(),
+    )
+    LAST_HESSIAN_WORK[:] = [cands, forms]
+    return codes.to(torch.int64)

@@ -126,3 +126,22 @@ def fake_quantize(
             return got
     scales = _scales(x, global_scale, method, weight)
     return sweep.quantize_dequantize(x, global_scale, scales).to(x.dtype)
+
+
+def hessian_sweep_scales(
+    x: torch.Tensor, global_scale: torch.Tensor | float, factors, backend: str = "auto"
+) -> torch.Tensor:
+    """Block-Hessian ScaleSweep scales (float8_e4m3fn ``[N, K/16]``) of a weight ``x``
+    ``[N, K]`` with :class:`scalesweep_vllm.hessian_sweep.HessianFactors`: the C++
+    backend on CPU tensors, the torch reference elsewhere (a Triton kernel is not
+    written yet). Both give the exhaustive sweep's codes."""
+    from .. import hessian_sweep
+
+    _check_backend(backend)
+    if backend == "triton":
+        raise ValueError("the block-Hessian sweep has no Triton kernel; use auto, cpu or torch")
+    if _use_cpu(x.device, backend):
+        codes = cpu_backend.hessian_codes(x, global_scale, factors)
+        if codes is not None:
+            return sweep._codes_to_scales(codes)
+    return hessian_sweep.hessian_sweep_scales(x, global_scale, factors)

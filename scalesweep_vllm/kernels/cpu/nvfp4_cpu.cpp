@@ -1,4 +1,4 @@
-// NVFP4 AbsMax / ScaleSweep (MSE, WMSE) on the CPU, and the evaluation's
+// NVFP4 AbsMax / ScaleSweep (MSE, WMSE, block Hessian) on the CPU, and the evaluation's
 // four-over-six baseline, bit-exact with the torch
 // reference (scalesweep_vllm/sweep.py): the same fp32 operations in the same
 // order, compiled with -ffp-contract=off (no fused multiply-add) and without
@@ -641,6 +641,120 @@ void run(const T* x, const Args& p, uint8_t* packed, uint8_t* scales, T* out, fl
   *trips_out = nt;
 }
 
+
+// ---------------------------------------------------------------------------
+// The block-Hessian sweep (hessian_sweep.py), one tile = 16 rows of one column
+// block: lane r is row r's block, and all lanes share that block's factor L (a
+// scalar per entry). Same operations as the reference: d = sign * (y - v q),
+// z_k = tree_j(L[j][k] * d_j), E = tree_k(z_k * z_k), the window [min(clip(E(c0)),
+// c0), max(first zero code, c0)], candidates ascending with pruning by the lower
+// bound, ties to the smaller code. The pruning test's sum of d^2 is the fixed tree
+// here and torch's order there: both are within the bound's margin, and pruning
+// never drops a code that wins or ties (the reference's proof), so both return the
+// exhaustive sweep's code.
+// ---------------------------------------------------------------------------
+constexpr float PRUNE_SLACK = 0x1p-100f;  // hessian_sweep.PRUNE_SLACK
+
+ALWAYS_INLINE vf tree16(const vf* e) {
+  vf s0 = e[0] + e[1], s1 = e[2] + e[3], s2 = e[4] + e[5], s3 = e[6] + e[7];
+  vf s4 = e[8] + e[9], s5 = e[10] + e[11], s6 = e[12] + e[13], s7 = e[14] + e[15];
+  vf t0 = s0 + s1, t1 = s2 + s3, t2 = s4 + s5, t3 = s6 + s7;
+  return (t0 + t1) + (t2 + t3);
+}
+
+// hessian_sweep._errors' d for one code per lane.
+ALWAYS_INLINE void hess_d(const vf* A, const vf* Sg, const vf* Y, vf g, vi code, vf* D) {
+  const vf v = fp8_value_v(code);
+  const vf inv = g / v;
+  for (int i = 0; i < BS; ++i) D[i] = Sg[i] * (Y[i] - v * round_e2m1_mag(A[i] * inv));
+}
+
+// E = |L^T d|^2 with L row-major [j][k] (lower-triangular; its zeros are multiplied
+// like the reference's, so every partial sum is the reference's).
+ALWAYS_INLINE vf hess_form(const float* L, const vf* D) {
+  vf zz[BS], p[BS];
+  for (int k = 0; k < BS; ++k) {
+    for (int j = 0; j < BS; ++j) p[j] = D[j] * L[j * BS + k];
+    const vf z = tree16(p);
+    zz[k] = z * z;
+  }
+  return tree16(zz);
+}
+
+// hessian_sweep._lower_bound: max(max_i w_i d_i^2, lam |d|^2) (1 - margin) - slack.
+ALWAYS_INLINE vf hess_lb(const vf* D, const float* w, float lam) {
+  vf e[BS];
+  vf m = splat(0.0f);
+  for (int i = 0; i < BS; ++i) {
+    e[i] = D[i] * D[i];
+    m = vmax(m, e[i] * w[i]);
+  }
+  return vmax(m, tree16(e) * lam) * (1.0f - MARGIN) - PRUNE_SLACK;
+}
+
+ALWAYS_INLINE int lanes_set(const vi& m) {
+  int n = 0;
+  for (int j = 0; j < BS; ++j) n += m[j] != 0;
+  return n;
+}
+
+// Codes of one tile; Xs: the rows' signed blocks in the natural layout (padding 0).
+OUTLINE vi hessian_tile(const vf* Xs, float gs, const float* L, const float* w, float lam,
+                        int64_t& cands, int64_t& forms) {
+  vf A[BS], Sg[BS], Y[BS], D[BS];
+  const vf g = splat(gs);
+  for (int j = 0; j < BS; ++j) A[j] = Xs[j];
+  transpose16(A);
+  vf am = splat(0.0f);
+  for (int i = 0; i < BS; ++i) {
+    Sg[i] = sel(lt(A[i], 0.0f), splat(-1.0f), splat(1.0f));
+    vf a = vabs(A[i]);
+    a = sel(lt(a * g, FLUSH_SCALED), splat(0.0f), a);
+    A[i] = a;
+    Y[i] = a * g;
+    am = vmax(am, a);
+  }
+  const vi c0 = absmax_code_v(am, g);
+  hess_d(A, Sg, Y, g, c0, D);
+  vf best_e = hess_form(L, D);
+  vi best = c0;
+  vf Wt[BS];
+  for (int i = 0; i < BS; ++i) Wt[i] = splat(w[i]);
+  const vi lo = vmini(clip_lo_v<true>(A, Wt, g, best_e), c0);
+  // hi = max(first_zero_code(am), c0): the first code >= c0 at which am rounds to 0
+  // (rounding falls as the code grows), 126 if none
+  vi found = eq(round_e2m1_mag(am * (g / fp8_value_v(c0))), 0.0f);
+  vi hi = c0;
+  for (int32_t c = -hmax(0 - c0) + 1; c <= MAX_CODE && lanes_set(found) < BS; ++c) {
+    const vi cv = splati(c);
+    const vi hit = eq(found, 0) & gt(cv, c0) &
+                   eq(round_e2m1_mag(am * (g / fp8_value(c))), 0.0f);
+    hi = sel(hit, cv, hi);
+    found = found | hit;
+  }
+  hi = sel(found, hi, splati(MAX_CODE));
+  cands += BS;
+  forms += BS;
+  const int32_t cmax = hmax(hi);
+  for (int32_t c = -hmax(0 - lo); c <= cmax; ++c) {
+    const vi cv = splati(c);
+    const vi inside = le(lo, cv) & le(cv, hi) & eq(eq(c0, cv), 0);
+    const int n_in = lanes_set(inside);
+    if (n_in == 0) continue;
+    cands += n_in;
+    hess_d(A, Sg, Y, g, cv, D);
+    const vi live = inside & le(hess_lb(D, w, lam), best_e);
+    const int n_live = lanes_set(live);
+    if (n_live == 0) continue;
+    forms += n_live;
+    const vf e = hess_form(L, D);
+    const vi better = live & (lt(e, best_e) | (eq(e, best_e) & lt(cv, best)));
+    best_e = sel(better, e, best_e);
+    best = sel(better, cv, best);
+  }
+  return best;
+}
+
 }  // namespace
 
 // x: contiguous [R, K] float32/float16/bfloat16; w: contiguous fp32 [period, K]
@@ -720,13 +834,69 @@ torch::Tensor nvfp4_dequant_cpu(torch::Tensor packed, torch::Tensor scales, doub
   return out;
 }
 
+
+// x: contiguous fp32 [R, K]; L: fp32 [K/16, 16, 16] (lower factors), w: fp32 [K/16, 16]
+// (1 / P_ii), lam: fp32 [K/16]. Returns (codes uint8 [R, K/16], candidates, forms).
+// The caller checks x and G against the reference's domain first.
+std::tuple<torch::Tensor, int64_t, int64_t> hessian_cpu(torch::Tensor x, double g, torch::Tensor L,
+                                                       torch::Tensor w, torch::Tensor lam) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() == 2 &&
+                  x.scalar_type() == torch::kFloat32,
+              "x: contiguous fp32 2-D CPU");
+  TORCH_CHECK(x.size(1) % BS == 0, "K must be a multiple of 16");
+  const int64_t R = x.size(0), K = x.size(1), nb = K / BS;
+  TORCH_CHECK(L.scalar_type() == torch::kFloat32 && L.is_contiguous() && L.dim() == 3 &&
+                  L.size(0) == nb && L.size(1) == BS && L.size(2) == BS,
+              "L: contiguous fp32 [K/16, 16, 16]");
+  TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.is_contiguous() && w.dim() == 2 &&
+                  w.size(0) == nb && w.size(1) == BS,
+              "w: contiguous fp32 [K/16, 16]");
+  TORCH_CHECK(lam.scalar_type() == torch::kFloat32 && lam.is_contiguous() && lam.numel() == nb,
+              "lam: contiguous fp32 [K/16]");
+  torch::Tensor codes = torch::empty({R, nb}, x.options().dtype(torch::kUInt8));
+  const float* xp = x.data_ptr<float>();
+  const float* Lp = L.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const float* lp = lam.data_ptr<float>();
+  uint8_t* cp = codes.data_ptr<uint8_t>();
+  const float gf = float(g);
+  const int64_t rtiles = (R + BS - 1) / BS;
+  const int slots = at::get_num_threads() > 0 ? at::get_num_threads() : 1;
+  std::vector<int64_t> cands(slots, 0), forms(slots, 0);
+  // column block major: consecutive tiles share L
+  at::parallel_for(0, rtiles * nb, 16, [&](int64_t t0, int64_t t1) {
+    int64_t nc = 0, nf = 0;
+    vf Xs[BS];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / rtiles, r0 = (t % rtiles) * BS;
+      const int n = int(R - r0 < BS ? R - r0 : BS);
+      for (int j = 0; j < BS; ++j) Xs[j] = j < n ? load16(xp + (r0 + j) * K + b * BS) : splat(0.0f);
+      const vi code = hessian_tile(Xs, gf, Lp + b * BS * BS, wp + b * BS, lp[b], nc, nf);
+      for (int j = 0; j < n; ++j) cp[(r0 + j) * nb + b] = uint8_t(code[j]);
+      nc -= BS - n;  // padding lanes: counted once as c0, never inside a window
+      nf -= BS - n;
+    }
+    const int tid = at::get_thread_num();
+    const int slot = tid >= 0 && tid < slots ? tid : 0;
+    cands[slot] += nc;
+    forms[slot] += nf;
+  });
+  int64_t nc = 0, nf = 0;
+  for (int i = 0; i < slots; ++i) {
+    nc += cands[i];
+    nf += forms[i];
+  }
+  return {codes, nc, nf};
+}
+
 std::vector<double> constants() {
-  return {MARGIN, FLUSH_SCALED, WEIGHT_FLUSH, double(UPPER_OFFSET), double(STAGE1_OFFSET),
-          double(MAX_CODE)};
+  return {MARGIN,           FLUSH_SCALED, WEIGHT_FLUSH, double(UPPER_OFFSET),
+          double(STAGE1_OFFSET), double(MAX_CODE), PRUNE_SLACK};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nvfp4", &nvfp4_cpu, "NVFP4 quantize / fake-quantize (AbsMax, MSE, WMSE, four-over-six)");
   m.def("dequant", &nvfp4_dequant_cpu, "NVFP4 dequantize");
+  m.def("hessian", &hessian_cpu, "block-Hessian ScaleSweep codes (hessian_sweep.py)");
   m.def("constants", &constants, "the reference constants compiled in");
 }
