@@ -24,8 +24,23 @@ import time
 
 import torch
 
-from scalesweep_vllm import hessian_sweep
 from scalesweep_vllm.evaluate.run import prepare, quantize_recipe, score_checkpoint
+from scalesweep_vllm.quantize.recipe import Recipe
+
+#: spec keys that are recipe fields, not GPTQ settings
+_RECIPE_KEYS = {"_conv": "global_scale_convention", "_n": "num_samples", "_damp": "hessian_damp"}
+
+
+def recipe_of(spec: str) -> Recipe:
+    """The :class:`Recipe` of a spec (module docstring)."""
+    objective, _, g = spec.partition(":")
+    opts = json.loads(g) if g else None
+    kw = {}
+    if opts is not None:
+        kw = {field: opts.pop(key) for key, field in _RECIPE_KEYS.items() if key in opts}
+        if opts.pop("_rtn", False):
+            opts = None
+    return Recipe(objective=objective, gptq=opts if opts is not None else None, **kw)
 
 
 def main() -> int:
@@ -41,26 +56,13 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     ctx = prepare(None, args.tokens, progress=False, dtype="float32")
     for spec in args.specs:
-        recipe, _, g = spec.partition(":")
-        opts = json.loads(g) if g else None
-        kw = {}
-        if opts is not None:
-            if "_conv" in opts:
-                kw["convention"] = opts.pop("_conv")
-            if "_n" in opts:
-                kw["num_samples"] = opts.pop("_n")
-            if "_damp" in opts:
-                hessian_sweep.DEFAULT_DAMP = opts.pop("_damp")
-            if opts.pop("_rtn", False):
-                opts = None
+        rec = recipe_of(spec)
         t0 = time.time()
-        ck = quantize_recipe(
-            ctx.model_dir, recipe, progress=False, gptq=False if opts is None else opts, **kw
-        )
+        ck = quantize_recipe(ctx.model_dir, rec, progress=False)
         tq = time.time() - t0
         for setting in args.settings:
             row = score_checkpoint(ctx, ck, setting)
-            row.update(spec=spec, quant_s=tq, hessian_damp=hessian_sweep.DEFAULT_DAMP)
+            row.update(spec=spec, quant_s=tq, recipe=rec.to_json())
             h = row.get("halves") or [{}, {}]
             print(
                 f"{spec} {setting}: kld {row['kld_mean']:.4f} (halves "

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..quantize.pipeline import DEFAULT_GLOBAL_SCALE
+from ..quantize.recipe import DEFAULT_GLOBAL_SCALE, Recipe
 from ..rope_bias import recorded as rope_bias_recorded
 from . import metrics
 from .model import Checkpoint, build_model, runtime_settings
@@ -44,45 +44,46 @@ DEFAULT_SEQ_LEN = 512
 
 def quantize_recipe(
     model_dir: Path,
-    recipe: str,
+    recipe: str | Recipe,
     convention: str = DEFAULT_GLOBAL_SCALE,
     device: str = "cpu",
     progress: bool = True,
     calib=None,
     num_samples: int | None = None,
     seq_len: int | None = None,
-    gptq: bool = False,
+    gptq: bool | dict = False,
     rope_bias: str = "auto",
 ) -> Checkpoint:
-    """The recipe quantized in memory by the offline quantizer (its defaults otherwise);
-    ``gptq``: GPTQ error feedback on the recipe's block scales (the quantizer's
-    ``--gptq``); ``rope_bias``: the quantizer's ``--rope-bias``."""
+    """A recipe quantized in memory by the offline quantizer as W4A4KV4Q4 (every
+    setting is then this checkpoint with parts switched off). ``recipe``: a
+    :class:`~scalesweep_vllm.quantize.recipe.Recipe` (the other arguments then
+    unused), or an objective name with ``convention``, ``gptq`` (the quantizer's
+    ``--gptq``: True or its settings), ``rope_bias`` and the calibration size."""
     from ..quantize import pipeline
 
-    if recipe not in RECIPES or recipe == "bf16":
-        raise ValueError(f"unknown recipe {recipe!r}; choose one of {RECIPES[1:]}")
-    kw = {}
-    if num_samples is not None:
-        kw["num_samples"] = num_samples
-    if seq_len is not None:
-        kw["seq_len"] = seq_len
+    if isinstance(recipe, Recipe):
+        rec = recipe.replace(scheme="W4A4KV4Q4")
+    else:
+        if recipe not in RECIPES or recipe == "bf16":
+            raise ValueError(f"unknown recipe {recipe!r}; choose one of {RECIPES[1:]}")
+        kw = {}
+        if num_samples is not None:
+            kw["num_samples"] = num_samples
+        if seq_len is not None:
+            kw["seq_len"] = seq_len
+        rec = Recipe(
+            scheme="W4A4KV4Q4",
+            objective=recipe,
+            global_scale_convention=convention,
+            gptq=gptq,
+            rope_bias=rope_bias,
+            **kw,
+        )
     rep = pipeline.quantize_model(
-        str(model_dir),
-        None,
-        scheme="W4A4KV4Q4",
-        objective=recipe,
-        calib=calib,
-        device=device,
-        global_scale_convention=convention,
-        progress=progress,
-        in_memory=True,
-        gptq=gptq,
-        rope_bias=rope_bias,
-        **kw,
+        str(model_dir), None, rec, calib=calib, device=device, progress=progress, in_memory=True
     )
     rb = "+rope_bias" if rep["header"]["rope_bias"] else ""
-    tag = f"{recipe}{'+gptq' if gptq else ''}{rb}/{convention}"
-    return Checkpoint.from_contents(rep["checkpoint"], f"{tag} (in memory)")
+    return Checkpoint.from_contents(rep["checkpoint"], f"{rec.tag()}{rb} (in memory)")
 
 
 def compute_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:

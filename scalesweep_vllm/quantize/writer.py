@@ -29,7 +29,8 @@ from .. import __version__, rope_bias
 from ..nvfp4 import BLOCK_SIZE
 from ..sweep import BOUNDS_VERSION
 from . import preflight
-from .scheme import Scheme, runtime_method
+from .recipe import Recipe
+from .scheme import Scheme
 from .weights import QuantizedLinear
 
 __all__ = [
@@ -247,9 +248,7 @@ def _save_sharded(tensors: dict[str, torch.Tensor], out: Path) -> list[str]:
 
 
 def metadata(
-    scheme: Scheme,
-    objective: str,
-    convention: str,
+    recipe: Recipe,
     attention: dict[str, dict],
     ignore: list[str],
     calibration: dict,
@@ -257,7 +256,10 @@ def metadata(
     source_name: str,
     files: list[str],
 ) -> dict:
-    """The content of scalesweep.json (docs/CHECKPOINT.md)."""
+    """The content of scalesweep.json (docs/CHECKPOINT.md); ``"recipe"`` is the whole
+    :class:`~.recipe.Recipe` (:meth:`~.recipe.Recipe.from_json` reads it back)."""
+    scheme, objective = recipe.scheme_spec, recipe.objective
+    method = recipe.runtime_method
     return {
         "format_version": FORMAT_VERSION_ROPE_BIAS
         if rope_bias.recorded(attention)
@@ -265,16 +267,17 @@ def metadata(
         "scheme": scheme.name,
         "objective": objective,
         "bounds_version": BOUNDS_VERSION,
-        "global_scale_convention": convention,
+        "global_scale_convention": recipe.global_scale_convention,
         "group_size": BLOCK_SIZE,
-        "activations": {"enabled": scheme.activations, "method": runtime_method(objective)},
-        "kv_cache": {"enabled": scheme.kv_cache, "method": runtime_method(objective)},
-        "query": {"enabled": scheme.query, "method": runtime_method(objective)},
+        "activations": {"enabled": scheme.activations, "method": method},
+        "kv_cache": {"enabled": scheme.kv_cache, "method": method},
+        "query": {"enabled": scheme.query, "method": method},
         "vectors_file": VECTORS_FILE,
         "attention": attention,
         "ignore": list(ignore),
         "calibration": calibration,
         "gptq": gptq or {"enabled": False},
+        "recipe": recipe.to_json(),
         "weight_files": files,
         "source_model": source_name,
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -286,9 +289,7 @@ def checkpoint_contents(
     model: nn.Module,
     quantized: dict[str, QuantizedLinear],
     ignore: list[str],
-    scheme: Scheme,
-    objective: str,
-    convention: str,
+    recipe: Recipe,
     attention: dict[str, dict],
     vectors: dict[str, torch.Tensor],
     source_name: str,
@@ -300,6 +301,7 @@ def checkpoint_contents(
     in by :func:`write_checkpoint`) and ``vectors`` (fp32, CPU). The evaluation's
     in-memory recipes use it as it is; :func:`write_checkpoint` writes it."""
     cfg = copy.deepcopy(model.config)
+    scheme = recipe.scheme_spec
     cfg.quantization_config = build_quantization_config(scheme, ignore)
     cfg.dtype = torch.bfloat16  # float32 here broke transformers' compressed forward
     if not getattr(cfg, "architectures", None):
@@ -307,9 +309,7 @@ def checkpoint_contents(
     return {
         "tensors": _state_dict(model, quantized, scheme.activations),
         "config": cfg,
-        "meta": metadata(
-            scheme, objective, convention, attention, ignore, calibration, gptq, source_name, []
-        ),
+        "meta": metadata(recipe, attention, ignore, calibration, gptq, source_name, []),
         "vectors": {k: v.detach().to("cpu", torch.float32) for k, v in vectors.items()},
     }
 
