@@ -9,7 +9,7 @@ Prints four tables and writes them as JSON to ``${OUT:-benchmarks/out}/study_bou
    blocks at mid-range codes, and unsaturated blocks at the top of the FP8 range
    (AbsMax codes 100..126, the other fifteen clustered at 0.6-0.9 of the maximum).
 
-Usage: python benchmarks/study_bounds.py [--blocks N] [--seed S]
+Usage: python studies/study_bounds.py [--blocks N] [--seed S]
 """
 
 from __future__ import annotations

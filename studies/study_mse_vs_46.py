@@ -3,7 +3,7 @@
 layer type at a time between the two recipes' weights, and the runtime method
 between them, and measure perplexity and KLD on the same held-out tokens.
 
-    python benchmarks/study_mse_vs_46.py --tokens 16384 --json benchmarks/out/mse_vs_46.json
+    python studies/study_mse_vs_46.py --tokens 16384 --json benchmarks/out/mse_vs_46.json
 
 Both recipes are quantized once in memory by ``quantize_model`` (paper global
 scale; reused from ``eval_table.py``'s recipe cache when there). They share every
@@ -149,22 +149,19 @@ def no_clip_wmse(ctx):
 
     from scalesweep_vllm import nvfp4, sweep
     from scalesweep_vllm.evaluate.run import quantize_recipe
-    from scalesweep_vllm.quantize import weights
+    from scalesweep_vllm.quantize import objectives
 
-    real = weights._quantize
+    class NoClipWMSE(objectives.DiagonalWMSE):
+        def quantize(self, w, g_w, diag, prepared):
+            w32 = w.float()
+            g, wt = sweep.validate(w32, g_w, diag)
+            a, wn = sweep._objective(w32, g, wt)
+            _, hi, c0 = sweep._stage1_blocks(a, g, wn)
+            codes = sweep._argmin_over_codes(a, g, wn, c0, torch.maximum(hi, c0))[0]
+            scales = sweep._codes_to_scales(codes.reshape(sweep._scale_shape(w32)))
+            return nvfp4.pack_fp4(sweep.quantize_codes(w32, g, scales)).to(w.device), scales
 
-    def restricted(w, g_w, objective, ww):
-        if objective != "wmse":
-            return real(w, g_w, objective, ww)
-        w32 = w.float()
-        g, wt = sweep.validate(w32, g_w, ww)
-        a, wn = sweep._objective(w32, g, wt)
-        _, hi, c0 = sweep._stage1_blocks(a, g, wn)
-        codes = sweep._argmin_over_codes(a, g, wn, c0, torch.maximum(hi, c0))[0]
-        scales = sweep._codes_to_scales(codes.reshape(sweep._scale_shape(w32)))
-        return nvfp4.pack_fp4(sweep.quantize_codes(w32, g, scales)).to(w.device), scales
-
-    with mock.patch.object(weights, "_quantize", restricted):
+    with mock.patch.dict(objectives.REGISTRY, {"wmse": NoClipWMSE}):
         return quantize_recipe(ctx.model_dir, "wmse", "paper", "cpu", False)
 
 

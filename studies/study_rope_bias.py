@@ -16,8 +16,8 @@ or AbsMax with ``--method absmax``, per 16 along head_dim at 448*6/amax. Here th
 global scales come from the measured tensor itself, not from calibration, so that
 only the bias handling differs.
 
-    python benchmarks/study_rope_bias.py --model qwen2.5-coder-1.5b \\
-        --json benchmarks/study_rope_bias.json
+    python studies/study_rope_bias.py --model qwen2.5-coder-1.5b \\
+        --json studies/study_rope_bias.json
 
 It prints a table and writes JSON.
 """
@@ -69,7 +69,7 @@ def main() -> int:
     p.add_argument("--model", default="qwen2.5-coder-1.5b")
     p.add_argument("--tokens", type=int, default=512)
     p.add_argument("--method", default="mse", choices=("absmax", "mse"))
-    p.add_argument("--json", default="benchmarks/study_rope_bias.json")
+    p.add_argument("--json", default="studies/study_rope_bias.json")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -140,7 +140,7 @@ def main() -> int:
         "rows": rows,
         "sums": tot,
         "seconds": time.perf_counter() - t0,
-        "command": "python benchmarks/study_rope_bias.py " + " ".join(sys.argv[1:]),
+        "command": "python studies/study_rope_bias.py " + " ".join(sys.argv[1:]),
     }
     Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     return 0
