@@ -77,6 +77,24 @@ def test_in_memory_recipe_equals_written_checkpoint(model_dir, cache, tmp_path_f
     assert full["kld_mean"] > w4a16["kld_mean"] > 0
 
 
+def test_recorded_recipe_quantizes_the_same_checkpoint(model_dir, cache, tmp_path_factory):
+    """The recipe a checkpoint records (scalesweep.json), quantized in memory by the
+    evaluation (``scalesweep-eval --recipe-file``), gives its tensors bit for bit."""
+    from scalesweep_vllm.quantize.cli import load_recipe
+
+    ckpt_dir = tiny_checkpoint(tmp_path_factory, "W4A4KV4Q4")
+    rec = load_recipe(ckpt_dir)
+    mem = quantize_recipe(model_dir, rec, progress=False, calib=assets.calibration_texts()[:32])
+    disk = Checkpoint.from_dir(ckpt_dir)
+    assert set(mem.tensors) == set(disk.tensors)
+    for k, t in disk.tensors.items():
+        assert torch.equal(mem.tensors[k].view(torch.uint8), t.view(torch.uint8)), k
+    res = _eval(
+        model_dir, cache, recipe=rec, settings=["W4A16"], calib=assets.calibration_texts()[:32]
+    )
+    assert res["source"]["recipe"] == rec.to_json() and res["runs"][0]["kld_mean"] > 0
+
+
 def test_checkpoint_without_metadata_runs_absmax_activations(tmp_path_factory):
     """Another tool's checkpoint (no scalesweep.json): AbsMax activations with its
     input_global_scale, nothing else, as stock vLLM runs it."""

@@ -32,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--recipe", choices=RECIPES, help="quantize in memory with this weight method")
     src.add_argument(
+        "--recipe-file",
+        metavar="PATH",
+        help="quantize in memory with a recorded recipe: a checkpoint folder of "
+        "scalesweep-quantize (its scalesweep.json) or a JSON recipe object (every "
+        "quantizer option: objective, GPTQ variants, global scale, calibration size)",
+    )
+    src.add_argument(
         "--checkpoint",
         help="an NVFP4 checkpoint folder (ours or any compressed-tensors one; without "
         "scalesweep.json it runs as stock vLLM: AbsMax activations)",
@@ -125,9 +132,19 @@ def main(argv: list[str] | None = None) -> int:
         settings = list(SETTINGS)
     if settings is None and args.recipe not in (None, "bf16"):
         settings = ["W4A4"]
+    recipe = args.recipe
+    if args.recipe_file:
+        from ..quantize.cli import load_recipe
+
+        try:
+            recipe = load_recipe(args.recipe_file)
+        except (OSError, ValueError) as err:
+            parser.error(str(err))
+        if settings is None:
+            settings = ["W4A4"]
     res = evaluate(
         model=args.model,
-        recipe=args.recipe,
+        recipe=recipe,
         checkpoint=args.checkpoint,
         global_scale=args.global_scale,
         settings=settings,

@@ -238,7 +238,7 @@ def score_checkpoint(
 
 def evaluate(
     model: str | Path | None = None,
-    recipe: str | None = None,
+    recipe: str | Recipe | None = None,
     checkpoint: str | Path | Checkpoint | None = None,
     global_scale: str = DEFAULT_GLOBAL_SCALE,
     settings: list[str] | None = None,
@@ -259,7 +259,8 @@ def evaluate(
     tasks_limit: int | None = None,
     rope_bias: str = "auto",
 ) -> dict:
-    """Evaluate ``recipe`` (quantized in memory, with GPTQ when ``gptq``) or
+    """Evaluate ``recipe`` (quantized in memory: an objective name, with GPTQ when
+    ``gptq``, or a whole :class:`~scalesweep_vllm.quantize.recipe.Recipe`) or
     ``checkpoint`` against the BF16 ``model`` (default: the default SmolLM2); see
     :mod:`.metrics` for the text measures and :mod:`.zeroshot` for the tasks.
     ``recipe="bf16"`` (or neither given) scores the base model itself."""
@@ -286,6 +287,9 @@ def evaluate(
     if checkpoint is not None:
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.from_dir(checkpoint)
         out["source"] = {"checkpoint": ckpt.name, "scalesweep_json": ckpt.meta is not None}
+    elif isinstance(recipe, Recipe):
+        ckpt = quantize_recipe(ctx.model_dir, recipe, device=device, progress=progress, calib=calib)
+        out["source"] = {"recipe": recipe.to_json()}
     else:
         ckpt = quantize_recipe(
             ctx.model_dir,
