@@ -12,8 +12,8 @@ line per spec appended to ``--out``::
 A spec is ``recipe[:json]``: the recipe (absmax, mse, wmse, hessian, four_over_six);
 without json, round to nearest; with it, GPTQ with those settings
 (:class:`scalesweep_vllm.quantize.gptq.GPTQConfig`) plus ``_conv`` (global-scale
-convention), ``_n`` (calibration samples), ``_damp`` (the hessian objective's damping),
-``_rtn`` (no GPTQ).
+convention; ``_rconv``: the runtime parts' if different), ``_n`` (calibration
+samples), ``_damp`` (the hessian objective's damping), ``_rtn`` (no GPTQ).
 """
 
 from __future__ import annotations
@@ -28,7 +28,12 @@ from scalesweep_vllm.evaluate.run import prepare, quantize_recipe, score_checkpo
 from scalesweep_vllm.quantize.recipe import Recipe
 
 #: spec keys that are recipe fields, not GPTQ settings
-_RECIPE_KEYS = {"_conv": "global_scale_convention", "_n": "num_samples", "_damp": "hessian_damp"}
+_RECIPE_KEYS = {
+    "_conv": "global_scale_convention",
+    "_rconv": "runtime_global_scale_convention",
+    "_n": "num_samples",
+    "_damp": "hessian_damp",
+}
 
 
 def recipe_of(spec: str) -> Recipe:

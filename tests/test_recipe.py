@@ -27,6 +27,7 @@ def test_recipe_validates_and_normalises():
         ({"scheme": "W3A3"}, "unknown scheme"),
         ({"objective": "gptq"}, "unknown objective"),
         ({"global_scale_convention": "nvidia"}, "convention"),
+        ({"runtime_global_scale_convention": "nvidia"}, "convention"),
         ({"hessian_damp": 0.0}, "hessian_damp"),
         ({"hessian_damp": float("nan")}, "hessian_damp"),
         ({"rope_bias": "maybe"}, "rope_bias"),
@@ -48,6 +49,9 @@ def test_recipe_json_round_trip():
         Recipe(),
         Recipe(objective="hessian", hessian_damp=0.01, gptq=True, scheme="W4A4KV4Q4"),
         Recipe(gptq={"actorder": "column", "sequential": False}, global_scale_convention="paper"),
+        Recipe(
+            global_scale_convention="paper", runtime_global_scale_convention="compressed-tensors"
+        ),
     ):
         back = Recipe.from_json(json.loads(json.dumps(r.to_json())))
         assert back == r
@@ -202,3 +206,31 @@ def test_a_recorded_recipe_reproduces_its_checkpoint(tmp_path, objective):
     assert ta.keys() == tb.keys()
     for k in ta:
         assert torch.equal(ta[k].view(torch.uint8), tb[k].view(torch.uint8)), k
+
+
+def test_runtime_global_scale_convention_moves_only_runtime_scales(tmp_path):
+    """Paper weights with compressed-tensors runtime parts: the weights and their global
+    scales are the all-paper recipe's; every input and q/k/v global scale is 448/256
+    times its all-paper value (the same calibrated amax under the other target)."""
+    from scalesweep_vllm.quantize import quantize_model
+
+    src = save_tiny_model("llama", tmp_path / "src")
+    ids = calib_tokens()
+    base = Recipe(scheme="W4A4KV4Q4", global_scale_convention="paper", num_samples=8, seq_len=48)
+    outs = {}
+    for rt in (None, "compressed-tensors"):
+        rec = base.replace(runtime_global_scale_convention=rt)
+        rep = quantize_model(src, None, rec, calib=ids, progress=False, in_memory=True)
+        outs[rt] = rep["checkpoint"]
+    a, b = outs[None], outs["compressed-tensors"]
+    for k, t in a["tensors"].items():
+        if k.endswith("input_global_scale"):
+            assert torch.allclose(b["tensors"][k], t * 448 / 256, rtol=1e-6), k
+        else:
+            assert torch.equal(b["tensors"][k].view(torch.uint8), t.view(torch.uint8)), k
+    for prefix, entry in a["meta"]["attention"].items():
+        for c in "qkv":
+            key = f"{c}_global_scale"
+            assert b["meta"]["attention"][prefix][key] == pytest.approx(entry[key] * 448 / 256)
+    assert b["meta"]["runtime_global_scale_convention"] == "compressed-tensors"
+    assert a["meta"]["runtime_global_scale_convention"] == "paper"

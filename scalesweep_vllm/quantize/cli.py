@@ -142,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
         "above the largest blocks for the sweep)",
     )
     p.add_argument(
+        "--runtime-global-scale",
+        choices=sorted(GLOBAL_SCALE_TARGETS),
+        default=None,
+        help="global-scale convention of the runtime parts (Linear inputs, KV cache, "
+        "queries) when it should differ from the weights' --global-scale (default: the same)",
+    )
+    p.add_argument(
         "--gptq",
         action="store_true",
         help="after choosing the ScaleSweep block scales, round the weights with GPTQ "
@@ -347,6 +354,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
             ("scheme", args.scheme),
             ("objective", args.objective),
             ("global_scale_convention", args.global_scale),
+            ("runtime_global_scale_convention", args.runtime_global_scale),
             ("hessian_damp", args.hessian_damp),
             ("rope_bias", args.rope_bias),
             ("num_samples", args.num_samples),

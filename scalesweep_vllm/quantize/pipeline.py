@@ -236,6 +236,7 @@ class Job:
             "scheme": recipe.scheme,
             "objective": recipe.objective,
             "global_scale_convention": recipe.global_scale_convention,
+            "runtime_global_scale_convention": recipe.runtime_convention,
             "device": str(self.device),
             "gptq": None if recipe.gptq is None else recipe.gptq.to_json(),
             "rope_bias": self.rope_bias,
@@ -478,6 +479,7 @@ def quantize_layers(job: Job, recipe: Recipe, tokens: torch.Tensor, progress: bo
                 hessian=_per_token(first.hessian, first),
                 cross=_per_token(first.cross, first),
                 hessian_tokens=first.count,
+                input_convention=recipe.runtime_convention,
             ):
                 res.quantized[q.name] = q
                 res.vectors[f"{q.name}.input_weight"] = q.input_weight
@@ -488,7 +490,7 @@ def quantize_layers(job: Job, recipe: Recipe, tokens: torch.Tensor, progress: bo
         layer_prefix = f"{plan.layers_prefix}.{i}"
         for prefix, ast in st.attention.items():
             rel = prefix[len(layer_prefix) + 1 :] if prefix != layer_prefix else ""
-            entry, vec = _attention_entry(layer, rel, ast, recipe.global_scale_convention)
+            entry, vec = _attention_entry(layer, rel, ast, recipe.runtime_convention)
             res.attention[prefix] = entry
             for k, v in vec.items():
                 res.vectors[f"{prefix}.{k}"] = v

@@ -55,6 +55,7 @@ class Recipe:
     scheme: str = "W4A4"
     objective: str = "wmse"
     global_scale_convention: str = DEFAULT_GLOBAL_SCALE
+    runtime_global_scale_convention: str | None = None
     gptq: GPTQConfig | None = None
     hessian_damp: float = hessian_sweep.DEFAULT_DAMP
     rope_bias: str = "auto"
@@ -66,6 +67,8 @@ class Recipe:
         set_(self, "scheme", schemes.get_scheme(self.scheme).name)
         objectives.get_objective(self.objective)  # raises naming the choices
         schemes.check_convention(self.global_scale_convention)
+        if self.runtime_global_scale_convention is not None:
+            schemes.check_convention(self.runtime_global_scale_convention)
         set_(self, "gptq", GPTQConfig.parse(self.gptq))
         damp = self.hessian_damp
         if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp):
@@ -92,6 +95,11 @@ class Recipe:
     def weight_objective(self) -> objectives.Objective:
         """The objective of the scales stage, configured by this recipe."""
         return objectives.get_objective(self.objective, hessian_damp=self.hessian_damp)
+
+    @property
+    def runtime_convention(self) -> str:
+        """The global-scale convention of activations, KV cache and queries."""
+        return self.runtime_global_scale_convention or self.global_scale_convention
 
     @property
     def runtime_method(self) -> str:
@@ -138,4 +146,6 @@ class Recipe:
             if self.gptq.actorder == "column":
                 extra.append("column")
             g = "+gptq" + (f"({','.join(extra)})" if extra else "")
-        return f"{self.objective}{g}/{self.global_scale_convention}"
+        rt = self.runtime_global_scale_convention
+        conv = self.global_scale_convention + (f",runtime {rt}" if rt else "")
+        return f"{self.objective}{g}/{conv}"

@@ -68,13 +68,18 @@ def _errors(
 
 
 def global_scales(
-    weights: list[torch.Tensor], input_amax: float, convention: str, activations: bool
+    weights: list[torch.Tensor],
+    input_amax: float,
+    convention: str,
+    activations: bool,
+    input_convention: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The group's shared weight global scale (from max |W| over all partners) and
-    input global scale (max calibrated |x|; None without activation quantization)."""
+    input global scale (max calibrated |x|, ``input_convention`` or else
+    ``convention``; None without activation quantization)."""
     weight_amax = max(float(w.abs().max()) if w.numel() else 0.0 for w in weights)
     g_w = nvfp4.global_scale(weight_amax, convention).to(weights[0].device)
-    g_a = nvfp4.global_scale(input_amax, convention) if activations else None
+    g_a = nvfp4.global_scale(input_amax, input_convention or convention) if activations else None
     return g_w, g_a
 
 
@@ -88,6 +93,7 @@ def quantize_group(
     hessian: torch.Tensor | None = None,
     hessian_tokens: int = 0,
     cross: torch.Tensor | None = None,
+    input_convention: str | None = None,
 ) -> list[QuantizedLinear]:
     """Quantize one fused group with shared global scales; see the module docstring.
 
@@ -104,7 +110,7 @@ def quantize_group(
     obj = get_objective(objective) if isinstance(objective, str) else objective
     wf = [m.weight.detach().to(torch.float32) for m in members]
     input_amax = max(m.input_amax for m in members)
-    g_w, g_a = global_scales(wf, input_amax, convention, activations)
+    g_w, g_a = global_scales(wf, input_amax, convention, activations, input_convention)
     names = [m.name for m in members]
     prepared = obj.prepare(
         None if hessian is None else hessian.to(wf[0].device), hessian_tokens, names[0]

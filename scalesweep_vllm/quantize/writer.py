@@ -268,6 +268,7 @@ def metadata(
         "objective": objective,
         "bounds_version": BOUNDS_VERSION,
         "global_scale_convention": recipe.global_scale_convention,
+        "runtime_global_scale_convention": recipe.runtime_convention,
         "group_size": BLOCK_SIZE,
         "activations": {"enabled": scheme.activations, "method": method},
         "kv_cache": {"enabled": scheme.kv_cache, "method": method},
