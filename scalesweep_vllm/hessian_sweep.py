@@ -242,11 +242,16 @@ def first_zero_code(m: torch.Tensor, g) -> torch.Tensor:
     falls as the code grows, so every larger code rounds it, and anything smaller,
     to 0 too: the upper end of the block-Hessian window here and of GPTQ's in-loop
     window (:func:`scalesweep_vllm.quantize.gptq._inloop_codes`)."""
+    # bisection on the monotone predicate: the answer stays in [lo, hi]; 7 halvings
+    # cover the 126 codes (the predicate is false at 126 only when no code rounds to 0)
+    lo = torch.ones(m.shape, dtype=torch.int64, device=m.device)
     hi = torch.full(m.shape, FP8_MAX_CODE, dtype=torch.int64, device=m.device)
-    for c in range(FP8_MAX_CODE, 0, -1):  # descending: the last hit is the first code
-        v = fp8_code_to_value(torch.tensor(c, device=m.device))
-        hi = torch.where(round_e2m1_magnitude(m * (g / v)) == 0, c, hi)
-    return hi
+    for _ in range(FP8_MAX_CODE.bit_length()):
+        mid = (lo + hi) // 2
+        zero = round_e2m1_magnitude(m * (g / fp8_code_to_value(mid))) == 0
+        hi = torch.where(zero, mid, hi)
+        lo = torch.where(zero, lo, mid + 1)
+    return lo.clamp(max=FP8_MAX_CODE)  # 127: no code rounds m to 0
 
 
 def _window(a, sign, y, g, factors):

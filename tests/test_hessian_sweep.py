@@ -245,3 +245,23 @@ def test_quantize_model_with_the_hessian_objective(tmp_path, monkeypatch):
 def block_hessians_of(h: torch.Tensor) -> torch.Tensor:
     """The 16x16 diagonal blocks of a [K, K] matrix."""
     return torch.stack([h[i : i + 16, i : i + 16] for i in range(0, h.shape[0], 16)])
+
+
+def test_first_zero_code_is_the_first_code_that_rounds_to_zero():
+    """The bisection against a scan of all 126 codes: random magnitudes over 10
+    decades, zeros, huge values (no code rounds them to 0: 126) and the exact
+    boundaries m * G / v = 1/4 (a tie: rounds to 0) and just above them."""
+    from scalesweep_vllm.nvfp4 import round_e2m1_magnitude
+
+    gen = torch.Generator().manual_seed(14)
+    vs = fp8_code_to_value(torch.arange(1, 127))
+    for g in (1.0, 0.37, 2688.0):
+        m = torch.rand(4000, generator=gen) * 10.0 ** torch.randint(-6, 4, (4000,), generator=gen)
+        edge = vs * 0.25 / g
+        above = torch.nextafter(edge, edge * 2)
+        m = torch.cat([m, torch.zeros(3), torch.tensor([1e30]), edge, above])
+        scan = torch.full(m.shape, 126, dtype=torch.int64)
+        for c in range(126, 0, -1):
+            v = fp8_code_to_value(torch.tensor(c))
+            scan = torch.where(round_e2m1_magnitude(m * (g / v)) == 0, c, scan)
+        assert torch.equal(hs.first_zero_code(m, g), scan)

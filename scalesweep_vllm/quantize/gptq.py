@@ -309,14 +309,15 @@ def _block_losses(x, u, g, cand):
     block's 16x16 part of the upper Cholesky factor of the inverse Hessian)."""
     v = nvfp4.fp8_code_to_value(cand)
     inv, step = g / v, v / g
-    xx = x[:, None, :].expand(-1, cand.shape[1], -1).clone()
+    # element-major [16, N, C]: each step reads and updates whole contiguous slabs
+    xx = x.T[:, :, None].expand(-1, -1, cand.shape[1]).clone()
     loss = torch.zeros(cand.shape, dtype=torch.float32, device=x.device)
     for j in range(x.shape[1]):
-        xj = xx[:, :, j]
+        xj = xx[j]
         e = (xj - nvfp4.round_e2m1(xj * inv) * step) / u[j, j]
         loss += e * e
         if j + 1 < x.shape[1]:
-            xx[:, :, j + 1 :] -= e[..., None] * u[j, j + 1 :]
+            xx[j + 1 :] -= e[None] * u[j, j + 1 :, None, None]
     return loss
 
 
@@ -355,9 +356,12 @@ def _inloop_codes(x, u, g, exhaustive: bool = False):
     # the sweep's clip bound, in its G-scaled units (loss * G^2)
     lo = torch.minimum(sweep._clip_lo(a, g, w, e0 * (g * g)), c0)
     hi = torch.maximum(_zero_trajectory_code(x, u, g), c0)
-    cand = torch.arange(int(lo.min()), int(hi.max()) + 1, device=x.device).expand(n, -1)
-    loss = _block_losses(x, u, g, cand)
-    loss = torch.where((cand >= lo[:, None]) & (cand <= hi[:, None]), loss, float("inf"))
+    # each row's own window, ascending (so argmin's first minimum is the smaller code);
+    # rows with a shorter one repeat their hi, masked out
+    cand = lo[:, None] + torch.arange(int((hi - lo).max()) + 1, device=x.device)
+    inside = cand <= hi[:, None]
+    cand = torch.where(inside, cand, hi[:, None])
+    loss = torch.where(inside, _block_losses(x, u, g, cand), float("inf"))
     return cand.gather(1, torch.argmin(loss, dim=1)[:, None])[:, 0]
 
 
