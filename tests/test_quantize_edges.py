@@ -432,6 +432,8 @@ def test_report_says_what_the_sweep_minimises():
     text = format_report({"header": {"objective": "wmse"}, "layers": rows})
     assert "minimises WMSE" in text and "may rise (negative red.)" in text
     assert "minimises plain MSE" in format_report({"header": {"objective": "mse"}, "layers": rows})
+    text = format_report({"header": {"objective": "hessian"}, "layers": rows})
+    assert "e^T H_b e" in text and "absmax" not in text.split("objective hessian")[1][:80]
 
 
 def test_truncation_check_is_exact(tmp_path):

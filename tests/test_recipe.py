@@ -42,6 +42,12 @@ def test_recipe_validates_and_normalises():
             Recipe(**kw)
     with pytest.raises(TypeError, match="unknown recipe options"):
         Recipe().replace(objectve="mse")
+    from scalesweep_vllm.quantize import quantize_model
+
+    with pytest.raises(TypeError, match="recipe must be a Recipe"):
+        quantize_model(None, None, "W4A16", in_memory=True)
+    with pytest.raises(TypeError, match="unknown recipe options"):
+        quantize_model(None, None, in_memory=True, objectiv="mse")
 
 
 def test_recipe_json_round_trip():

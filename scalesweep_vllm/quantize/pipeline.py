@@ -285,6 +285,11 @@ def quantize_model(
     """
     t_start = time.perf_counter()
     cpu_start = time.process_time()
+    if recipe is not None and not isinstance(recipe, Recipe):
+        raise TypeError(
+            f"recipe must be a Recipe, got {type(recipe).__name__} (scheme, objective, ... "
+            "are keyword arguments)"
+        )
     rec = Recipe.build(recipe, **options)
     job = prepare(
         model,

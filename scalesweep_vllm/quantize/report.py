@@ -90,6 +90,13 @@ def _objective_note(objective: str | None) -> str:
         )
     if objective == "mse":
         return "objective mse: the sweep minimises plain MSE; WMSE is shown for reference"
+    if objective == "hessian":
+        return (
+            "objective hessian: the sweep minimises e^T H_b e (16x16 blocks of E[x x^T]); "
+            "MSE and WMSE are shown for reference and either may rise (negative red.)"
+        )
+    if objective == "four_over_six":
+        return "objective four_over_six: the better of amax/6 and amax/4 per block by MSE"
     return "objective absmax: block scale amax/6 (no sweep); both columns show AbsMax"
 
 
