@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import nvfp4, sweep
+from .. import hessian_sweep, nvfp4, sweep
 from . import cpu_backend, launch
 
 METHODS = ("absmax", "mse", "wmse")
@@ -135,8 +135,6 @@ def hessian_sweep_scales(
     ``[N, K]`` with :class:`scalesweep_vllm.hessian_sweep.HessianFactors`: the C++
     backend on CPU tensors, the torch reference elsewhere (a Triton kernel is not
     written yet). Both give the exhaustive sweep's codes."""
-    from .. import hessian_sweep
-
     _check_backend(backend)
     if backend == "triton":
         raise ValueError("the block-Hessian sweep has no Triton kernel; use auto, cpu or torch")

@@ -341,6 +341,12 @@ _GPTQ_FLAGS = {  # flag -> (GPTQConfig field, value from the parsed argument)
     "--gptq-inputs": ("sequential", lambda v: v == "quantized"),
     "--gptq-scales": ("scales", lambda v: v),
 }
+#: flags that set GPTQConfig.actorder together
+_ORDER_FLAGS = ("--gptq-actorder", "--gptq-order-by")
+
+
+def _arg(args: argparse.Namespace, flag: str):
+    return getattr(args, flag[2:].replace("-", "_"))
 
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
@@ -362,11 +368,8 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         )
         if value is not None
     }
-    gptq = {
-        fld: conv(getattr(args, flag[2:].replace("-", "_")))
-        for flag, (fld, conv) in _GPTQ_FLAGS.items()
-        if getattr(args, flag[2:].replace("-", "_")) is not None
-    }
+    given = [f for f in (*_GPTQ_FLAGS, *_ORDER_FLAGS) if _arg(args, f) is not None]
+    gptq = {_GPTQ_FLAGS[f][0]: _GPTQ_FLAGS[f][1](_arg(args, f)) for f in given if f in _GPTQ_FLAGS}
     if args.gptq_actorder is not None or args.gptq_order_by is not None:
         on = args.gptq_actorder is not False
         gptq["actorder"] = (args.gptq_order_by == "column" and "column") or on
@@ -375,19 +378,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     if args.gptq or base.gptq is not None:
         start = base.gptq or GPTQConfig()
         changes["gptq"] = GPTQConfig(**{**start.__dict__, **gptq})
-    elif gptq or args.gptq_actorder is not None or args.gptq_order_by is not None:
-        given = [
-            f"--{k}"
-            for k in (
-                "gptq-damp",
-                "gptq-block-size",
-                "gptq-inputs",
-                "gptq-scales",
-                "gptq-actorder",
-                "gptq-order-by",
-            )
-            if getattr(args, k.replace("-", "_")) is not None
-        ]
+    elif given:
         raise ValueError(f"{', '.join(given)} given without --gptq")
     return base.replace(**changes)
 

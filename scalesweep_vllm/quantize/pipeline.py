@@ -227,6 +227,9 @@ class Job:
     compute_dtype: torch.dtype
     rope_bias: bool
     overwrite: bool = False
+    #: the calibration source read (and checked) once by :func:`prepare`
+    calib_docs: list[str] | torch.Tensor | None = None
+    calib_source: str | None = None
 
     def header(self, recipe: Recipe) -> dict:
         """The report's header: what was quantized, how, where."""
@@ -306,7 +309,7 @@ def quantize_model(
     t_loaded = time.perf_counter()
     if dry_run:
         return _dry_run_report(job, rec, progress)
-    tokens, cal_info = calibration_tokens(job, rec, calib)
+    tokens, cal_info = calibration_tokens(job, rec)
     results = quantize_layers(job, rec, tokens, progress)
     t_quant = time.perf_counter()
 
@@ -357,10 +360,11 @@ def prepare(
         with _quiet_transformers(not progress):  # a GGUF conversion loads a model too
             src_dir = resolve_model_dir(model)
         config = load_config(src_dir, trust_remote_code)
-    cal_docs, _ = data.load_calibration_source(calib)
-    width = cal_docs.shape[1] if isinstance(cal_docs, torch.Tensor) else recipe.seq_len
+    cal_docs, cal_source = data.load_calibration_source(calib)
     sch = recipe.scheme_spec
-    preflight.check_config(config, width, sch.kv_cache or sch.query, sch.name)
+    preflight.check_config(
+        config, _calib_width(cal_docs, recipe), sch.kv_cache or sch.query, sch.name
+    )
     out = None
     if not dry_run and not in_memory:
         calib_file = Path(calib) if isinstance(calib, (str, Path)) else None
@@ -383,7 +387,14 @@ def prepare(
         compute_dtype=compute_dtype,
         rope_bias=_resolve_rope_bias(recipe.rope_bias, mdl, sch),
         overwrite=overwrite,
+        calib_docs=cal_docs,
+        calib_source=cal_source,
     )
+
+
+def _calib_width(cal_docs, recipe: Recipe) -> int:
+    """Tokens per calibration sample: a token tensor's own width, else the recipe's."""
+    return cal_docs.shape[1] if isinstance(cal_docs, torch.Tensor) else recipe.seq_len
 
 
 def _dry_run_report(job: Job, recipe: Recipe, progress: bool) -> dict:
@@ -410,17 +421,20 @@ def _dry_run_report(job: Job, recipe: Recipe, progress: bool) -> dict:
     return rep
 
 
-def calibration_tokens(job: Job, recipe: Recipe, calib) -> tuple[torch.Tensor, dict]:
-    """The calibration token ids ``[n, T]`` and the report's ``calibration`` entry;
-    :class:`~.data.CalibrationWarning` s are recorded there and handed on."""
+def calibration_tokens(job: Job, recipe: Recipe) -> tuple[torch.Tensor, dict]:
+    """The calibration token ids ``[n, T]`` (from the source :func:`prepare` read) and
+    the report's ``calibration`` entry; :class:`~.data.CalibrationWarning` s are
+    recorded there and handed on."""
     _check_something_quantized(job.plan)
     layers.check_finite(job.model)
-    cal_docs, cal_source = data.load_calibration_source(calib)
-    width = cal_docs.shape[1] if isinstance(cal_docs, torch.Tensor) else recipe.seq_len
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", data.CalibrationWarning)
         tokens, source = data.calibration_tokens(
-            cal_docs, job.tokenizer, recipe.num_samples, recipe.seq_len, source=cal_source or ""
+            job.calib_docs,
+            job.tokenizer,
+            recipe.num_samples,
+            recipe.seq_len,
+            source=job.calib_source or "",
         )
     notes = [str(w.message) for w in caught if issubclass(w.category, data.CalibrationWarning)]
     for w in caught:  # hand every warning on to the caller
@@ -430,7 +444,7 @@ def calibration_tokens(job: Job, recipe: Recipe, calib) -> tuple[torch.Tensor, d
         "num_samples": int(tokens.shape[0]),
         "seq_len": int(tokens.shape[1]),
         "tokens": int(tokens.numel()),
-        "requested_tokens": int(recipe.num_samples * width),
+        "requested_tokens": int(recipe.num_samples * _calib_width(job.calib_docs, recipe)),
     }
     if notes:
         info["warnings"] = notes

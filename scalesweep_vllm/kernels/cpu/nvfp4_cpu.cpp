@@ -299,6 +299,15 @@ ALWAYS_INLINE vi absmax_code_v(vf amax, vf g, float divisor = FP4_MAX) {
   return vmaxi(fp8_rne_code_v(t), splati(1));
 }
 
+// sweep._tree_sum16 per lane: adjacent pairs, then pairs of those (the reference's
+// fixed order; no reassociation without fast-math).
+ALWAYS_INLINE vf tree16(const vf* e) {
+  vf s0 = e[0] + e[1], s1 = e[2] + e[3], s2 = e[4] + e[5], s3 = e[6] + e[7];
+  vf s4 = e[8] + e[9], s5 = e[10] + e[11], s6 = e[12] + e[13], s7 = e[14] + e[15];
+  vf t0 = s0 + s1, t1 = s2 + s3, t2 = s4 + s5, t3 = s6 + s7;
+  return (t0 + t1) + (t2 + t3);
+}
+
 // sweep.candidate_errors for one code per lane (lane = block): S * v^2, with S
 // the fixed pairwise tree sum of the 16 terms (d * d) * w.
 template <bool W>
@@ -312,10 +321,7 @@ ALWAYS_INLINE vf cand_err(const vf* A, const vf* Wt, vf g, vi code) {
     e[i] = d * d;
     if (W) e[i] = e[i] * Wt[i];
   }
-  vf s0 = e[0] + e[1], s1 = e[2] + e[3], s2 = e[4] + e[5], s3 = e[6] + e[7];
-  vf s4 = e[8] + e[9], s5 = e[10] + e[11], s6 = e[12] + e[13], s7 = e[14] + e[15];
-  vf t0 = s0 + s1, t1 = s2 + s3, t2 = s4 + s5, t3 = s6 + s7;
-  return ((t0 + t1) + (t2 + t3)) * (v * v);
+  return tree16(e) * (v * v);
 }
 
 // sweep._clip_lo per lane: smallest code that can beat (or tie) error e_ref.
@@ -655,12 +661,6 @@ void run(const T* x, const Args& p, uint8_t* packed, uint8_t* scales, T* out, fl
 // ---------------------------------------------------------------------------
 constexpr float PRUNE_SLACK = 0x1p-100f;  // hessian_sweep.PRUNE_SLACK
 
-ALWAYS_INLINE vf tree16(const vf* e) {
-  vf s0 = e[0] + e[1], s1 = e[2] + e[3], s2 = e[4] + e[5], s3 = e[6] + e[7];
-  vf s4 = e[8] + e[9], s5 = e[10] + e[11], s6 = e[12] + e[13], s7 = e[14] + e[15];
-  vf t0 = s0 + s1, t1 = s2 + s3, t2 = s4 + s5, t3 = s6 + s7;
-  return (t0 + t1) + (t2 + t3);
-}
 
 // hessian_sweep._errors' d for one code per lane.
 ALWAYS_INLINE void hess_d(const vf* A, const vf* Sg, const vf* Y, vf g, vi code, vf* D) {
