@@ -16,7 +16,10 @@ served input to the served output. Then served and aligned must agree to fp32 no
 (~1e-6 nats); any other disagreement raises.
 
 The plugin and the evaluation both call ``scalesweep_vllm.kernels.fake_quantize`` (a
-module attribute, looked up at call time), which is what gets patched. Each quantizer
+module attribute, looked up at call time), which is what gets patched; the plugin's
+packed CPU GEMM quantizes Linear inputs with ``kernels.quantize`` instead (codes for
+the integer GEMM), patched too and recorded as the values those codes decode to (what
+``fake_quantize`` returns for the same input, bit for bit). Each quantizer
 has its own global scale (asserted: calls are grouped by it). Under tensor
 parallelism each rank records its slice (row-parallel inputs: a range of features;
 Q/K/V: its heads; replicated inputs and KV heads: the whole), and the slices are put
@@ -39,6 +42,7 @@ from scalesweep_vllm import kernels
 NOISE = 1e-5
 
 _REAL = kernels.fake_quantize
+_REAL_Q = kernels.quantize
 
 
 def _rank() -> int:
@@ -53,8 +57,7 @@ def _rank() -> int:
 def _recorder(calls: list[dict], folder: str | os.PathLike | None):
     count = [0]
 
-    def record(x, global_scale, method="mse", weight=None, backend="auto"):
-        y = _REAL(x, global_scale, method, weight, backend)
+    def keep(x, global_scale, y):
         item = {"g": float(global_scale), "x": x.detach().clone(), "y": y.detach().clone()}
         if folder is None:
             calls.append(item)
@@ -62,26 +65,40 @@ def _recorder(calls: list[dict], folder: str | os.PathLike | None):
             item["rank"] = _rank()
             count[0] += 1
             torch.save(item, Path(folder) / f"{os.getpid()}-{count[0]:08d}.pt")
+
+    def record(x, global_scale, method="mse", weight=None, backend="auto"):
+        y = _REAL(x, global_scale, method, weight, backend)
+        keep(x, global_scale, y)
         return y
 
-    return record
+    def record_codes(x, global_scale, method="mse", weight=None, backend="auto"):
+        packed, scales = _REAL_Q(x, global_scale, method, weight, backend)
+        keep(x, global_scale, kernels.dequantize(packed, scales, global_scale, x.dtype))
+        return packed, scales
+
+    return record, record_codes
+
+
+def _patch(calls: list[dict], folder) -> None:
+    kernels.fake_quantize, kernels.quantize = _recorder(calls, folder)
 
 
 def install(folder: str | os.PathLike) -> None:
     """Record this process's calls to ``folder``, one file per call, for good (the
     engine's spawned processes, through tests/record_site/sitecustomize.py)."""
-    kernels.fake_quantize = _recorder([], folder)
+    _patch([], folder)
 
 
 @contextlib.contextmanager
 def recording():
-    """Record this process's ``kernels.fake_quantize`` calls in memory (yields the list)."""
+    """Record this process's ``kernels.fake_quantize`` and ``kernels.quantize`` calls
+    in memory (yields the list)."""
     calls: list[dict] = []
-    kernels.fake_quantize = _recorder(calls, None)
+    _patch(calls, None)
     try:
         yield calls
     finally:
-        kernels.fake_quantize = _REAL
+        kernels.fake_quantize, kernels.quantize = _REAL, _REAL_Q
 
 
 def load_records(folder: str | os.PathLike) -> list[dict]:

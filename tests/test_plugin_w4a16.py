@@ -1,5 +1,5 @@
 """The W4A16 checkpoint served by the real CPU engine (one engine, in-process):
-weights decoded once at load, no runtime quantization."""
+weights kept packed for the C++ GEMM (the CPU default), no runtime quantization."""
 
 from __future__ import annotations
 
@@ -38,15 +38,16 @@ def test_weight_only_layers(engine):
         for n, m in model.named_modules():
             if isinstance(getattr(m, "quant_method", None), ScaleSweepLinearMethod):
                 out[n] = (m.quant_method.act_method, m.scalesweep_backend,
-                          hasattr(m, "weight_packed"), m.quant_method.has_input_scale)  # fmt: skip
+                          hasattr(m, "weight_packed"), hasattr(m, "scalesweep_codes"),
+                          m.quant_method.has_input_scale)  # fmt: skip
         attn = [n for n, m in model.named_modules() if type(m).__name__ == "Attention"
                 and getattr(m, "quant_method", None) is not None]  # fmt: skip
         return out, attn
 
     ((layers, attn),) = engine.apply_model(probe)
     assert len(layers) == 8
-    # no activation method, the exact fallback, packed weights freed after decoding
-    assert set(layers.values()) == {(None, "dequant", False, False)}
+    # no activation method, the packed C++ GEMM, checkpoint tensors replaced by its layout
+    assert set(layers.values()) == {(None, "packed", False, True, False)}
     assert attn == []  # W4A16: attention is stock
 
 

@@ -87,7 +87,7 @@ def test_plugin_layers_are_in_place(engine):
 
     ((lin, att),) = engine.apply_model(probe)
     # 2 layers x (qkv, o, gate_up, down); lm_head and embeddings stay bf16.
-    assert len(lin) == 8 and set(lin.values()) == {"dequant"}, lin
+    assert len(lin) == 8 and set(lin.values()) == {"packed"}, lin
     assert len(att) == 2, att
 
 

@@ -51,6 +51,8 @@ __all__ = [
 ISA_ENV = "SCALESWEEP_CPU_ISA"
 ISAS = ("generic", "avx2", "avx512")
 SOURCE = pathlib.Path(__file__).with_name("cpu") / "nvfp4_cpu.cpp"
+#: Every translation unit of the module (the quantizer and the packed GEMMs).
+SOURCES = (SOURCE, SOURCE.with_name("nvfp4_gemm.cpp"))
 _COMMON = [
     "-O3",
     "-ffp-contract=off",
@@ -163,7 +165,7 @@ def build(isa: str | None = None, verbose: bool = False):
         raise ValueError(f"this CPU cannot run the {isa} build (it runs {', '.join(cpu_isas())})")
     return cpp_extension.load(
         name=module_name(isa),
-        sources=[str(SOURCE)],
+        sources=[str(s) for s in SOURCES],
         extra_cflags=flags(isa),
         extra_ldflags=["-fopenmp"],
         verbose=verbose,
@@ -171,26 +173,34 @@ def build(isa: str | None = None, verbose: bool = False):
 
 
 def compile_object(isa: str, out: pathlib.Path, cxx: str = "g++", machine: str | None = None):
-    """Compile the source to an object file for ``isa`` with ``cxx`` (a cross compiler
+    """Compile the sources to object files for ``isa`` with ``cxx`` (a cross compiler
     such as ``aarch64-linux-gnu-g++`` with ``machine="aarch64"``), without linking or
-    loading it. Returns the ``CompletedProcess`` (check ``returncode``, ``stderr``)."""
+    loading them: ``out`` for the first, ``out`` with the source's name appended for
+    the others. Returns the ``CompletedProcess`` of the first that failed, else of the
+    last (check ``returncode``, ``stderr``)."""
     from torch.utils import cpp_extension
 
     includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
-    cmd = [
-        cxx,
-        "-std=c++20",
-        "-fPIC",
-        "-c",
-        str(SOURCE),
-        "-o",
-        str(out),
-        "-DTORCH_EXTENSION_NAME=" + module_name(isa),
-        "-DTORCH_API_INCLUDE_EXTENSION_H",
-        *flags(isa, machine),
-        *(f"-I{p}" for p in includes),
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, check=False)
+    res = None
+    for i, src in enumerate(SOURCES):
+        obj = out if i == 0 else out.with_name(f"{out.stem}-{src.stem}{out.suffix}")
+        cmd = [
+            cxx,
+            "-std=c++20",
+            "-fPIC",
+            "-c",
+            str(src),
+            "-o",
+            str(obj),
+            "-DTORCH_EXTENSION_NAME=" + module_name(isa),
+            "-DTORCH_API_INCLUDE_EXTENSION_H",
+            *flags(isa, machine),
+            *(f"-I{p}" for p in includes),
+        ]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode:
+            return res
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:

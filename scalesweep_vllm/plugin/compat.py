@@ -22,6 +22,8 @@ __all__ = [
     "AttentionFacts",
     "attention_refusals",
     "check_attention",
+    "LINEAR_CHOICES",
+    "LINEAR_ENV",
     "linear_backend",
     "vllm_quantizes_query",
 ]
@@ -156,14 +158,21 @@ def check_attention(facts: AttentionFacts, kv_method: str | None, q_method: str 
         raise ValueError("scalesweep: " + "\nscalesweep: ".join(reasons))
 
 
+#: Environment variable choosing the Linear backend: auto | packed | dequant.
+LINEAR_ENV = "SCALESWEEP_LINEAR"
+LINEAR_CHOICES = ("auto", "packed", "dequant")
+
+
 def linear_backend(
     act_method: str | None,
     device_type: str,
     capability: tuple[int, int] | None,
     params_dtype: str,
     cutlass_fp4: bool,
+    cpu_packed: str | None = None,
+    requested: str = "auto",
 ) -> tuple[str, str]:
-    """(``cutlass`` | ``dequant``, why) for one NVFP4 Linear layer.
+    """(``cutlass`` | ``packed`` | ``dequant``, why) for one NVFP4 Linear layer.
 
     ``cutlass``: vLLM's ``cutlass_scaled_fp4_mm`` (FP4 tensor cores, sm_100/sm_120)
     for W4A4. Its output dtype is fp16 or bf16 only (vLLM's
@@ -171,7 +180,29 @@ def linear_backend(
     data type of nvfp4 mm" otherwise, and vLLM's own ``scaled_fp4_quant`` in
     ``vllm/_custom_ops.py`` asserts an fp16/bf16 input), so a float32 model takes
     the exact ``dequant`` fallback. ``params_dtype`` is the torch dtype's name
-    (``"float32"``, ``"bfloat16"``, ...)."""
+    (``"float32"``, ``"bfloat16"``, ...).
+
+    ``packed``: our C++ NVFP4 GEMMs on the CPU (W4A16 and W4A4), weights kept at 4.5
+    bits. ``cpu_packed`` is why they cannot run here ('' when they can, None when not
+    asked). ``requested`` is ``$SCALESWEEP_LINEAR``: ``auto`` (the best that runs),
+    ``packed`` (an error where it cannot run: no silent fallback when asked for) or
+    ``dequant`` (decode the weights once at load, vLLM's own GEMM)."""
+    if requested not in LINEAR_CHOICES:
+        raise ValueError(f"{LINEAR_ENV}={requested!r}: choose one of {', '.join(LINEAR_CHOICES)}")
+    if device_type == "cpu" and requested != "dequant":
+        if cpu_packed == "":
+            return "packed", "C++ NVFP4 GEMM, weights stay packed"
+        if requested == "packed":
+            raise ValueError(
+                f"scalesweep: {LINEAR_ENV}=packed, but the packed CPU GEMM cannot run: "
+                f"{cpu_packed or 'not available'}"
+            )
+    if requested == "packed" and device_type != "cpu":
+        raise ValueError(f"scalesweep: {LINEAR_ENV}=packed runs on CPUs only, not {device_type}")
+    if requested == "dequant":
+        return "dequant", f"{LINEAR_ENV}=dequant"
+    if device_type == "cpu" and cpu_packed:
+        return "dequant", f"the packed CPU GEMM is unavailable ({cpu_packed})"
     if act_method is None:
         return "dequant", "weight-only (W4A16): nothing to quantize at run time"
     if device_type != "cuda":

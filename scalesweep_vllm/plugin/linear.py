@@ -1,4 +1,4 @@
-"""The NVFP4 Linear method: checkpoint tensors in, one of two GEMM backends out.
+"""The NVFP4 Linear method: checkpoint tensors in, one of three GEMM backends out.
 
 Weights load through vLLM's parameter classes, so vLLM's own loaders place the
 fused q/k/v and gate/up shards and split them for tensor parallelism
@@ -13,7 +13,16 @@ Backends (chosen once per layer at load, :func:`choose_backend`):
   swizzled, padded layout by the quantize kernel's own store), and the product runs on vLLM's
   ``cutlass_scaled_fp4_mm`` with ``alpha = 1 / (G_a * G_w)``. Its output is fp16/bf16
   only: a float32 model takes ``dequant``.
-* ``dequant`` (everything else: Hopper, Ampere, CPU; and W4A16 everywhere): the
+* ``packed`` (CPU, W4A16 and W4A4, the default there): the weight stays at 4.5 bits,
+  repacked once at load (:func:`scalesweep_vllm.kernels.cpu_gemm.pack`), and each call
+  runs our C++ NVFP4 GEMM (``kernels/cpu/nvfp4_gemm.cpp``): W4A16 multiplies the input
+  by the dequantized weight, summed in fp32 in k order; W4A4 quantizes the input with
+  ScaleSweep (the codes :func:`scalesweep_vllm.kernels.quantize` gives) and computes
+  the FP4 tensor core's arithmetic (exact integer block products times both block
+  scales, an fp32 sum, ``alpha = 1 / (G_a G_w)`` per fused shard at the end); see
+  :mod:`scalesweep_vllm.gemm_reference`. ``SCALESWEEP_LINEAR=dequant`` turns it off;
+  where the C++ backend cannot be built, ``dequant`` serves and the log says why.
+* ``dequant`` (everything else: Hopper, Ampere; CPU without the C++ backend): the
   weight is decoded ONCE at load to the model dtype with
   :func:`scalesweep_vllm.kernels.dequantize`, in compressed-tensors' order
   (``(fp8 scale / G_w) * e2m1`` in fp32, rounded once to the dtype): exactly the
@@ -28,6 +37,7 @@ Backends (chosen once per layer at load, :func:`choose_backend`):
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from torch.nn import Parameter
@@ -45,7 +55,8 @@ from vllm.platforms import current_platform
 from .. import kernels
 from ..nvfp4 import BLOCK_SIZE
 from ..runtime import fused_input_weight
-from .compat import linear_backend
+from ..kernels import cpu_gemm
+from .compat import LINEAR_ENV, linear_backend
 
 __all__ = ["ScaleSweepLinearMethod", "choose_backend", "log_backend"]
 
@@ -65,15 +76,20 @@ def _cutlass_fp4_supported() -> bool:
 def choose_backend(
     act_method: str | None, device: torch.device, dtype: torch.dtype
 ) -> tuple[str, str]:
-    """(``cutlass`` | ``dequant``, why): ``cutlass`` on Blackwell for W4A4 in fp16/bf16
-    when vLLM has its FP4 GEMM, else the exact fallback (:func:`.compat.linear_backend`
-    decides; this reads the device)."""
+    """(``cutlass`` | ``packed`` | ``dequant``, why): ``packed`` on CPUs where the C++
+    backend runs, ``cutlass`` on Blackwell for W4A4 in fp16/bf16 when vLLM has its FP4
+    GEMM, else the exact fallback (:func:`.compat.linear_backend` decides; this reads
+    the device and ``$SCALESWEEP_LINEAR``)."""
     cap = None
     if act_method is not None and device.type == "cuda":
         cap = tuple(torch.cuda.get_device_capability(device))
     cutlass = cap is not None and cap[0] in (10, 12) and _cutlass_fp4_supported()
     name = str(dtype).removeprefix("torch.")
-    return linear_backend(act_method, device.type, cap, name, cutlass)
+    requested = os.environ.get(LINEAR_ENV, "auto").strip().lower() or "auto"
+    packed = None
+    if device.type == "cpu" and requested != "dequant":
+        packed = cpu_gemm.available()
+    return linear_backend(act_method, device.type, cap, name, cutlass, packed, requested)
 
 
 def log_backend(quant_config, backend: str, why: str) -> None:
@@ -86,8 +102,17 @@ def log_backend(quant_config, backend: str, why: str) -> None:
     if (backend, why) in seen:
         return
     seen.add((backend, why))
-    label = "cutlass (cutlass_scaled_fp4_mm" if backend == "cutlass" else "dequant (exact fallback"
+    label = {
+        "cutlass": "cutlass (cutlass_scaled_fp4_mm",
+        "packed": f"packed (scalesweep C++ GEMM, {_isa()}",
+    }.get(backend, "dequant (exact fallback")
     logger.info("scalesweep: linear backend: %s: %s)", label, why)
+
+
+def _isa() -> str:
+    from ..kernels import cpu_backend
+
+    return cpu_backend.isa()
 
 
 def _tp_rank() -> int:
@@ -217,6 +242,8 @@ class ScaleSweepLinearMethod(LinearMethodBase):
             layer.scalesweep_input_weight = vec.to(device)
         if layer.scalesweep_backend == "cutlass":
             self._prepare_cutlass(layer, gw)
+        elif layer.scalesweep_backend == "packed":
+            self._prepare_packed(layer, gw)
         else:
             self._prepare_dequant(layer, gw)
 
@@ -239,6 +266,24 @@ class ScaleSweepLinearMethod(LinearMethodBase):
             dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
         else:
             layer.cpu_linear = None
+
+    def _prepare_packed(self, layer: torch.nn.Module, gw: torch.Tensor) -> None:
+        """Repack for the C++ GEMM, one fp32 per output row: its shard's G_w (W4A16) or
+        alpha = 1 / (G_a G_w) (W4A4, as vLLM computes the cutlass alpha), so fused
+        shards keep their own global scales exactly."""
+        widths = torch.tensor(layer.logical_widths)
+        g_rows = gw.repeat_interleave(widths)
+        if self.act_method is None:
+            rows = g_rows
+        else:
+            rows = 1.0 / (layer.scalesweep_input_gs.to(torch.float32) * g_rows)
+        kind = "w4a16" if self.act_method is None else "w4a4"
+        pw = cpu_gemm.pack(layer.weight_packed.data, layer.weight_scale.data, rows, kind)
+        del layer.weight_packed, layer.weight_scale, layer.weight_global_scale
+        # Parameters, so the engine (and anyone counting them) sees the weight's bytes.
+        layer.scalesweep_codes = Parameter(pw.codes, requires_grad=False)
+        layer.scalesweep_scales = Parameter(pw.scales, requires_grad=False)
+        layer.scalesweep_rows = Parameter(pw.rows, requires_grad=False)
 
     def _prepare_cutlass(self, layer: torch.nn.Module, gw: torch.Tensor) -> None:
         from vllm.model_executor.layers.quantization.utils.nvfp4_utils import (
@@ -271,6 +316,8 @@ class ScaleSweepLinearMethod(LinearMethodBase):
     ) -> torch.Tensor:
         if layer.scalesweep_backend == "cutlass":
             return self._apply_cutlass(layer, x, bias)
+        if layer.scalesweep_backend == "packed":
+            return self._apply_packed(layer, x, bias)
         if self.act_method is not None:
             x = kernels.fake_quantize(
                 x, layer.scalesweep_input_gs, self.act_method, layer.scalesweep_input_weight
@@ -278,6 +325,25 @@ class ScaleSweepLinearMethod(LinearMethodBase):
         if layer.cpu_linear is not None:
             return layer.cpu_linear(x, layer.weight, bias)
         return torch.nn.functional.linear(x, layer.weight, bias)
+
+    def _apply_packed(self, layer, x, bias):
+        pw = cpu_gemm.PackedWeight(
+            layer.scalesweep_codes,
+            layer.scalesweep_scales,
+            layer.scalesweep_rows,
+            layer.output_size_per_partition,
+            layer.input_size_per_partition,
+        )
+        if self.act_method is None:
+            y = cpu_gemm.w4a16(x, pw)
+        else:
+            packed, scales = kernels.quantize(
+                x, layer.scalesweep_input_gs, self.act_method, layer.scalesweep_input_weight
+            )
+            y = cpu_gemm.w4a4(packed, scales, pw)
+        if bias is not None:
+            y = y + bias.to(torch.float32)
+        return y.to(x.dtype)
 
     def _apply_cutlass(self, layer, x, bias):
         from vllm._custom_ops import cutlass_scaled_fp4_mm

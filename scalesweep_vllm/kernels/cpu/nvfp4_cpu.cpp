@@ -34,6 +34,8 @@
 #include <immintrin.h>
 #endif
 
+#include "nvfp4_gemm.h"
+
 // The vector helpers are small and take 64-byte structs: a call passes them through
 // memory, so they are always inlined.
 #define ALWAYS_INLINE inline __attribute__((always_inline))
@@ -898,5 +900,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nvfp4", &nvfp4_cpu, "NVFP4 quantize / fake-quantize (AbsMax, MSE, WMSE, four-over-six)");
   m.def("dequant", &nvfp4_dequant_cpu, "NVFP4 dequantize");
   m.def("hessian", &hessian_cpu, "block-Hessian ScaleSweep codes (hessian_sweep.py)");
+  m.def("gemm_w4a16", &nvfp4_gemm_w4a16_cpu, "NVFP4 W4A16 GEMM, packed weights (nvfp4_gemm.cpp)");
+  m.def("gemm_w4a4", &nvfp4_gemm_w4a4_cpu, "NVFP4 W4A4 GEMM, packed weights (nvfp4_gemm.cpp)");
   m.def("constants", &constants, "the reference constants compiled in");
 }
