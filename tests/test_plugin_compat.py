@@ -308,3 +308,22 @@ def test_linear_backend_is_logged_once_per_model():
     assert len(records) == 3, records
     assert "linear backend: dequant (exact fallback: no FP4 GEMM on cpu)" in records[0]
     assert "cutlass" in records[2]
+
+
+def test_linear_backend_packed_on_cpu():
+    """The packed C++ GEMM on CPUs wherever it runs (W4A16 and W4A4, any dtype); the
+    exact fallback with the reason where it cannot; SCALESWEEP_LINEAR decides."""
+    assert linear_backend(None, "cpu", None, "bfloat16", False, "")[0] == "packed"
+    assert linear_backend("wmse", "cpu", None, "float32", False, "")[0] == "packed"
+    b, why = linear_backend(None, "cpu", None, "bfloat16", False, "no g++")
+    assert b == "dequant" and "no g++" in why
+    b, why = linear_backend("mse", "cpu", None, "bfloat16", False, "", "dequant")
+    assert b == "dequant" and "SCALESWEEP_LINEAR=dequant" in why
+    with pytest.raises(ValueError, match="cannot run: no g\\+\\+"):
+        linear_backend(None, "cpu", None, "bfloat16", False, "no g++", "packed")
+    with pytest.raises(ValueError, match="CPUs only"):
+        linear_backend("mse", "cuda", (10, 0), "bfloat16", True, None, "packed")
+    with pytest.raises(ValueError, match="choose one of"):
+        linear_backend("mse", "cpu", None, "bfloat16", True, "", "fastest")
+    # a GPU is never handed the CPU kernel
+    assert linear_backend("mse", "cuda", (10, 0), "bfloat16", True, "")[0] == "cutlass"
