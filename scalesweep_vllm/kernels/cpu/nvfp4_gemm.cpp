@@ -9,19 +9,23 @@
 // a table lookup per lane), and the GEMM runs as outer products: for each k,
 // acc[m] += x[m, k] * w[k, 16 channels]. Scales: [tiles, K/16, 16] fp8 bytes.
 //
-// Summation order (what makes every build, every thread count and every batch
-// size give the same bits, and what the reference reproduces):
-//   W4A16: y[m, n] = (...((x[m,0] * w[n,0]) + x[m,1] * w[n,1]) + ...) in k order,
-//          each product and sum rounded to fp32 (no fused multiply-add:
-//          -ffp-contract=off), w = (fp8 scale / G_w[n]) * e2m1 exactly as the
-//          dequantize kernel decodes it.
-//   W4A4:  per 16-block b, I_b = sum_j (2 qa_j)(2 qw_j), an integer of magnitude
-//          <= 16 * 144 = 2304, summed exactly in fp32 lanes (any order); the term
-//          I_b * (sa_b * sw_b) is exact too (8 + 12 significant bits); the terms are
-//          summed in block order in fp32, and y = (S * 0.25) * alpha[n], alpha =
-//          1 / (G_a * G_w[n]). That is the FP4 tensor core's arithmetic (exact block
-//          products, fp32 accumulation, alpha at the end), with the accumulation
-//          order stated.
+// Arithmetic (what makes every build, every thread count and every batch size give
+// the same bits, and what the reference reproduces). fma(a, b, c) is the fused
+// multiply-add, one rounding (FMA3 / AVX-512 instructions; the generic build calls
+// fmaf, correctly rounded too, slowly). 2q are the E2M1 codes as integers in [-12, 12].
+//   Block partials, both GEMMs: P_b = fma(x_15, 2q_15, ... fma(x_0, 2q_0, +0)) over the
+//   block's 16 inputs in order.
+//   W4A16: y[m, n] = fma(h_B, P_B, ... fma(h_0, P_0, +0)) in block order, with
+//          h_b = (v_b / G_w[n]) * 0.5 (v_b the fp8 block scale; the halving is exact:
+//          v / G >= 2^-124 for G <= 2^115 stays normal).
+//   W4A4:  x are the activation's integers 2qa, so P_b = sum (2qa)(2qw) is an exact
+//          integer (|P_b| <= 2304) and sa_b * sw_b * P_b is exact too (8 + 12
+//          significant bits): the block terms are the FP4 tensor core's exact
+//          products. y = (S * 0.25) * alpha[n], S = fma(sa_b * sw_b, P_b, ...) summed in
+//          block order (one rounding per block, as an fp32 add of the exact term),
+//          alpha = 1 / (G_a * G_w[n]).
+// The reference (gemm_reference.py) computes the same with an exact emulation of fp32
+// FMA in float64.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -78,15 +82,27 @@ GEMM_INLINE V mul(const V& a, float s) {
   for (int i = 0; i < PIECES; ++i) r.p[i] = a.p[i] * s;
   return r;
 }
-// a + s * b, rounded twice (the product, then the sum)
-GEMM_INLINE V add_mul(const V& a, float s, const V& b) {
+// fma(s, b, a) = s * b + a with one rounding, lane by lane.
+GEMM_INLINE nf fma_piece(nf s, nf b, nf a) {
+#if defined(__AVX512F__)
+  return (nf)_mm512_fmadd_ps((__m512)s, (__m512)b, (__m512)a);
+#elif defined(__FMA__)
+  return (nf)_mm256_fmadd_ps((__m256)s, (__m256)b, (__m256)a);
+#else
+  nf r;
+  for (int i = 0; i < NB / 4; ++i) r[i] = __builtin_fmaf(s[i], b[i], a[i]);
+  return r;
+#endif
+}
+GEMM_INLINE V fma(float s, const V& b, const V& a) {
   V r;
-  for (int i = 0; i < PIECES; ++i) r.p[i] = a.p[i] + (s * b.p[i]);
+  const nf sv = nf{} + s;
+  for (int i = 0; i < PIECES; ++i) r.p[i] = fma_piece(sv, b.p[i], a.p[i]);
   return r;
 }
-GEMM_INLINE V add_mul(const V& a, const V& s, const V& b) {
+GEMM_INLINE V fma(const V& s, const V& b, const V& a) {
   V r;
-  for (int i = 0; i < PIECES; ++i) r.p[i] = a.p[i] + (s.p[i] * b.p[i]);
+  for (int i = 0; i < PIECES; ++i) r.p[i] = fma_piece(s.p[i], b.p[i], a.p[i]);
   return r;
 }
 GEMM_INLINE V div(const V& a, const V& b) {
@@ -96,10 +112,8 @@ GEMM_INLINE V div(const V& a, const V& b) {
 }
 
 // The 16 signed E2M1 values by code (bit 3 the sign) times 2: the integers 2q in
-// [-12, 12]. Code 8 (-0) gives +0, which changes no sum: accumulators start at +0 and
-// an fp32 sum is -0 only when both terms are. W4A16 multiplies them by (v / G) / 2,
-// exact since v / G >= 2^-124 (G <= 2^115) stays normal when halved, so
-// ((v / G) / 2) * 2q rounds the same real number as (v / G) * q.
+// [-12, 12]. Code 8 (-0) gives +0, which changes no sum: partials and accumulators
+// start at +0, and an fp32 sum is -0 only when both terms are.
 struct Table {
   alignas(64) float v[16];
   Table() {
@@ -202,100 +216,117 @@ struct Packed {
   int64_t K;
 };
 
-// The tile's weights for input features [0, K) in fp32 lanes, w = (v / G) * e2m1 (W4A16)
-// or the integers 2q (W4A4, g == nullptr), into out [K, 16].
-void decode_tile(const Packed& pw, int64_t t, const V* ginv, const float* fp8, const Table& tab,
-                 float* out) {
-  const int64_t nb = pw.K / BS;
+// The tile's codes as the integers 2q in fp32 lanes, into out [K, 16] (the scratch of
+// the M > MR path: decoded once per tile, read by every group of MR rows).
+void decode_tile(const Packed& pw, int64_t t, const Table& tab, float* out) {
   const uint8_t* c = pw.codes + t * pw.K * 8;
-  const uint8_t* s = pw.scales + t * nb * BS;
-  for (int64_t b = 0; b < nb; ++b) {
-    const V f = ginv ? mul(div(fp8_values(s + b * BS, fp8), *ginv), 0.5f) : V{};
-    for (int kk = 0; kk < BS; kk += 4) {
-      const int64_t k = b * BS + kk;
-      V q[4];
-      decode4(c + k * 8, tab, q);
-      for (int j = 0; j < 4; ++j) store(out + (k + j) * BS, ginv ? mul(f, q[j]) : q[j]);
-    }
+  for (int64_t k = 0; k < pw.K; k += 4) {
+    V q[4];
+    decode4(c + k * 8, tab, q);
+    for (int j = 0; j < 4; ++j) store(out + (k + j) * BS, q[j]);
   }
 }
 
-// W4A16, MR rows of x (row stride K) against one tile; w from `scratch` [K, 16] when
-// given, else decoded here. y rows: MR x 16 floats at y + r * ystride.
-template <int MR>
-void w4a16_rows(const float* x, int64_t K, const Packed& pw, int64_t t, const V& g,
-                const float* fp8, const Table& tab, const float* scratch, float* y,
-                int64_t ystride) {
-  V acc[MR];
-  for (int r = 0; r < MR; ++r) acc[r] = zero();
+// MR rows of x (row stride K) against TT consecutive tiles t0.. : the block partials
+// P_b, then per block acc = fma(h, P_b, acc) with h = (v / G) / 2 (W4A16, `g` the rows'
+// G_w) or h = sw * sa (W4A4, sa the rows' activation block scales, `g` alpha). Codes
+// from `scratch` [K, 16] when given (TT = 1), else decoded here. Each (row, tile) is an
+// independent chain of dependent fused multiply-adds: with one row, TT = 4 tiles keep
+// enough of them in flight to hide the instruction's latency. Output [TT][MR][16] at y.
+template <int MR, int TT, bool W4A4>
+void tile_rows(const float* x, const float* sa, int64_t K, const Packed& pw, int64_t t0,
+               const V* g, const float* fp8, const Table& tab, const float* scratch, float* y) {
+  V acc[TT][MR], part[TT][MR];
+  for (int u = 0; u < TT; ++u)
+    for (int r = 0; r < MR; ++r) acc[u][r] = zero();
   const int64_t nb = K / BS;
-  const uint8_t* c = pw.codes + t * K * 8;
-  const uint8_t* s = pw.scales + t * nb * BS;
   for (int64_t b = 0; b < nb; ++b) {
-    V f;  // (v / G) / 2, see Table
-    if (!scratch) f = mul(div(fp8_values(s + b * BS, fp8), g), 0.5f);
+    for (int u = 0; u < TT; ++u)
+      for (int r = 0; r < MR; ++r) part[u][r] = zero();
     for (int kk = 0; kk < BS; kk += 4) {
       const int64_t k = b * BS + kk;
-      V q[4];
-      if (!scratch) decode4(c + k * 8, tab, q);
-      for (int j = 0; j < 4; ++j) {
-        const V w = scratch ? load(scratch + (k + j) * BS) : mul(f, q[j]);
-        for (int r = 0; r < MR; ++r) acc[r] = add_mul(acc[r], x[r * K + k + j], w);
+      for (int u = 0; u < TT; ++u) {
+        V q[4];
+        if (scratch) {
+          for (int j = 0; j < 4; ++j) q[j] = load(scratch + (k + j) * BS);
+        } else {
+          decode4(pw.codes + ((t0 + u) * K + k) * 8, tab, q);
+        }
+        for (int j = 0; j < 4; ++j)
+          for (int r = 0; r < MR; ++r) part[u][r] = fma(x[r * K + k + j], q[j], part[u][r]);
+      }
+    }
+    for (int u = 0; u < TT; ++u) {
+      const V v = fp8_values(pw.scales + ((t0 + u) * nb + b) * BS, fp8);
+      if (W4A4) {
+        for (int r = 0; r < MR; ++r) acc[u][r] = fma(mul(v, sa[r * nb + b]), part[u][r], acc[u][r]);
+      } else {
+        const V h = mul(div(v, g[u]), 0.5f);
+        for (int r = 0; r < MR; ++r) acc[u][r] = fma(h, part[u][r], acc[u][r]);
       }
     }
   }
-  for (int r = 0; r < MR; ++r) store(y + r * ystride, acc[r]);
-}
-
-// W4A4, MR rows of xa (the integers 2qa, row stride K) with block scales sa (fp32,
-// row stride K/16) against one tile.
-template <int MR>
-void w4a4_rows(const float* xa, const float* sa, int64_t K, const Packed& pw, int64_t t,
-               const V& alpha, const float* fp8, const Table& tab, const float* scratch, float* y,
-               int64_t ystride) {
-  V acc[MR], blk[MR];
-  for (int r = 0; r < MR; ++r) acc[r] = zero();
-  const int64_t nb = K / BS;
-  const uint8_t* c = pw.codes + t * K * 8;
-  const uint8_t* s = pw.scales + t * nb * BS;
-  for (int64_t b = 0; b < nb; ++b) {
-    for (int r = 0; r < MR; ++r) blk[r] = zero();
-    for (int kk = 0; kk < BS; kk += 4) {
-      const int64_t k = b * BS + kk;
-      V q[4];
-      if (!scratch) decode4(c + k * 8, tab, q);
-      for (int j = 0; j < 4; ++j) {
-        const V w = scratch ? load(scratch + (k + j) * BS) : q[j];
-        for (int r = 0; r < MR; ++r) blk[r] = add_mul(blk[r], xa[r * K + k + j], w);  // exact
-      }
-    }
-    const V sw = fp8_values(s + b * BS, fp8);
-    for (int r = 0; r < MR; ++r) acc[r] = add_mul(acc[r], mul(sw, sa[r * nb + b]), blk[r]);
-  }
-  for (int r = 0; r < MR; ++r) store(y + r * ystride, mul(mul(acc[r], 0.25f), alpha));
+  for (int u = 0; u < TT; ++u)
+    for (int r = 0; r < MR; ++r)
+      store(y + (u * MR + r) * BS, W4A4 ? mul(mul(acc[u][r], 0.25f), g[u]) : acc[u][r]);
 }
 
 constexpr int MR = 4;      // rows of x per register tile
 constexpr int SCRATCH_M = MR;  // above this many rows, decode the tile once into scratch
 
-template <typename RowsFn>
-void for_tiles(int64_t M, int64_t N, int64_t T, int64_t K, torch::Tensor& out, bool use_scratch,
-               RowsFn rows) {
+// All tiles (in parallel) times all rows of x, MR rows at a time. `rows` is fp32
+// [tiles * 16]: G_w (W4A16) or alpha (W4A4) per output channel.
+template <bool W4A4>
+void run_tiles(int64_t M, int64_t N, int64_t T, int64_t K, torch::Tensor& out, const Packed& pw,
+               const float* x, const float* sa, const float* rows, const float* fp8,
+               const Table& tab) {
   float* yp = out.data_ptr<float>();
+  const int64_t nb = K / BS;
+  const bool use_scratch = M > SCRATCH_M;
+  const int tt = M <= 2 ? 2 : 1;  // tiles per call (see tile_rows)
+  const int64_t groups = (T + tt - 1) / tt;
   // a thread's share should be worth waking it: ~64k multiply-adds
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, M * K * BS));
-  at::parallel_for(0, T, grain, [&](int64_t t0, int64_t t1) {
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, M * K * BS * tt));
+  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
     std::vector<float> scratch(use_scratch ? K * BS : 0);
-    alignas(64) float ybuf[MR * BS];
-    for (int64_t t = t0; t < t1; ++t) {
-      const float* sc = use_scratch ? scratch.data() : nullptr;
-      rows(-1, 0, t, scratch.data(), ybuf);  // m0 = -1: prepare the tile (scratch)
-      const int64_t n0 = t * BS, nv = std::min<int64_t>(BS, N - n0);
-      for (int64_t m0 = 0; m0 < M; m0 += MR) {
-        const int mr = int(std::min<int64_t>(MR, M - m0));
-        rows(m0, mr, t, sc, ybuf);
-        for (int r = 0; r < mr; ++r)
-          std::memcpy(yp + (m0 + r) * N + n0, ybuf + r * BS, nv * sizeof(float));
+    const float* sc = use_scratch ? scratch.data() : nullptr;
+    alignas(64) float ybuf[4 * MR * BS];
+    V g[4];
+    for (int64_t grp = g0; grp < g1; ++grp) {
+      const int64_t t0 = grp * tt;
+      const int full = int(std::min<int64_t>(tt, T - t0));
+      if (full == tt && tt > 1) {  // one or two rows, several tiles at once
+        for (int u = 0; u < tt; ++u) g[u] = load(rows + (t0 + u) * BS);
+        if (M == 1) {
+          tile_rows<1, 2, W4A4>(x, sa, K, pw, t0, g, fp8, tab, nullptr, ybuf);
+        } else {
+          tile_rows<2, 2, W4A4>(x, sa, K, pw, t0, g, fp8, tab, nullptr, ybuf);
+        }
+        const int mr = int(M);
+        for (int u = 0; u < tt; ++u) {
+          const int64_t n0 = (t0 + u) * BS, nv = std::min<int64_t>(BS, N - n0);
+          for (int r = 0; r < mr; ++r)
+            std::memcpy(yp + r * N + n0, ybuf + (u * mr + r) * BS, nv * sizeof(float));
+        }
+        continue;
+      }
+      for (int64_t t = t0; t < t0 + full; ++t) {
+        if (use_scratch) decode_tile(pw, t, tab, scratch.data());
+        g[0] = load(rows + t * BS);
+        const int64_t n0 = t * BS, nv = std::min<int64_t>(BS, N - n0);
+        for (int64_t m0 = 0; m0 < M; m0 += MR) {
+          const int mr = int(std::min<int64_t>(MR, M - m0));
+          const float* xr = x + m0 * K;
+          const float* sr = W4A4 ? sa + m0 * nb : nullptr;
+          switch (mr) {
+            case 4: tile_rows<4, 1, W4A4>(xr, sr, K, pw, t, g, fp8, tab, sc, ybuf); break;
+            case 3: tile_rows<3, 1, W4A4>(xr, sr, K, pw, t, g, fp8, tab, sc, ybuf); break;
+            case 2: tile_rows<2, 1, W4A4>(xr, sr, K, pw, t, g, fp8, tab, sc, ybuf); break;
+            default: tile_rows<1, 1, W4A4>(xr, sr, K, pw, t, g, fp8, tab, sc, ybuf); break;
+          }
+          for (int r = 0; r < mr; ++r)
+            std::memcpy(yp + (m0 + r) * N + n0, ybuf + r * BS, nv * sizeof(float));
+        }
       }
     }
   });
@@ -341,22 +372,7 @@ torch::Tensor nvfp4_gemm_w4a16_cpu(torch::Tensor x, torch::Tensor codes, torch::
   const float* xp = x.data_ptr<float>();
   const float* gp = g_rows.data_ptr<float>();
   const Table tab;
-  const bool scratch = M > SCRATCH_M;
-  for_tiles(M, N, T, K, out, scratch, [&](int64_t m0, int mr, int64_t t, const float* sc,
-                                          float* y) {
-    const V g = load(gp + t * BS);
-    if (m0 < 0) {
-      if (scratch) decode_tile(pw, t, &g, fp8, tab, const_cast<float*>(sc));
-      return;
-    }
-    const float* xr = xp + m0 * K;
-    switch (mr) {
-      case 4: w4a16_rows<4>(xr, K, pw, t, g, fp8, tab, sc, y, BS); break;
-      case 3: w4a16_rows<3>(xr, K, pw, t, g, fp8, tab, sc, y, BS); break;
-      case 2: w4a16_rows<2>(xr, K, pw, t, g, fp8, tab, sc, y, BS); break;
-      default: w4a16_rows<1>(xr, K, pw, t, g, fp8, tab, sc, y, BS); break;
-    }
-  });
+  run_tiles<false>(M, N, T, K, out, pw, xp, nullptr, gp, fp8, tab);
   return out;
 }
 
@@ -396,23 +412,7 @@ torch::Tensor nvfp4_gemm_w4a4_cpu(torch::Tensor xcodes, torch::Tensor xscales,
     }
   });
   const Packed pw{codes.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(), K};
-  const float* ap = alpha_rows.data_ptr<float>();
-  const bool scratch = M > SCRATCH_M;
-  for_tiles(M, N, T, K, out, scratch, [&](int64_t m0, int mr, int64_t t, const float* sc,
-                                          float* y) {
-    if (m0 < 0) {
-      if (scratch) decode_tile(pw, t, nullptr, fp8, tab, const_cast<float*>(sc));
-      return;
-    }
-    const V alpha = load(ap + t * BS);
-    const float* xr = xa.data() + m0 * K;
-    const float* sr = sa.data() + m0 * nb;
-    switch (mr) {
-      case 4: w4a4_rows<4>(xr, sr, K, pw, t, alpha, fp8, tab, sc, y, BS); break;
-      case 3: w4a4_rows<3>(xr, sr, K, pw, t, alpha, fp8, tab, sc, y, BS); break;
-      case 2: w4a4_rows<2>(xr, sr, K, pw, t, alpha, fp8, tab, sc, y, BS); break;
-      default: w4a4_rows<1>(xr, sr, K, pw, t, alpha, fp8, tab, sc, y, BS); break;
-    }
-  });
+  run_tiles<true>(M, N, T, K, out, pw, xa.data(), sa.data(), alpha_rows.data_ptr<float>(), fp8,
+                  tab);
   return out;
 }
