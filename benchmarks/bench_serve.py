@@ -60,6 +60,13 @@ def _linear_bytes(model):
     return held, bf16, backends
 
 
+def _isa() -> str:
+    """The C++ backend's build in use and the levels this CPU runs."""
+    from scalesweep_vllm.kernels import cpu_backend, cpu_build
+
+    return f"{cpu_backend.isa()} (CPU runs {', '.join(cpu_build.cpu_isas())})"
+
+
 def _child(args) -> None:
     """Runs one configuration; prints one JSON line."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -181,6 +188,7 @@ def main(argv=None) -> int:
     env = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "isa": _isa(),
         "vllm": vllm.__version__,
         "torch": torch.__version__,
         "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),

@@ -162,10 +162,13 @@ def test_pack_layout_and_errors():
     tiles = 3  # 37 channels -> 3 tiles of 16, padded
     assert pw.codes.shape == (tiles, k, 8) and pw.scales.shape == (tiles, k // 16, 16)
     assert pw.nbytes() == tiles * 16 * (k // 2 + k // 16 + 4)
-    # channel 16 + 8 + 1, input feature 5: high nibble of byte 1 of tile 1, feature 5
+    # tile 1, input feature 5 = group 1, kj 1; channel 9 (high nibble) and 1 (low) of
+    # that tile share byte 16 * 0 + 4 * 1 + 1 of the group; channel 6 is in lane 1
     c = nvfp4.unpack_fp4(packed)
-    assert int(pw.codes[1, 5, 1] >> 4) == int(c[16 + 9, 5])
-    assert int(pw.codes[1, 5, 1] & 15) == int(c[16 + 1, 5])
+    group = pw.codes[1].reshape(-1)[32:64]
+    assert int(group[5] >> 4) == int(c[16 + 9, 5])
+    assert int(group[5] & 15) == int(c[16 + 1, 5])
+    assert int(group[16 + 4 + 2] & 15) == int(c[16 + 6, 5])
     bad = scales.view(torch.uint8).clone()
     bad[3, 1] = 0x7F
     with pytest.raises(ValueError, match="NaN"):
@@ -200,3 +203,34 @@ def test_custom_ops_trace_under_torch_compile():
     )  # fmt: skip
     f = torch.compile(lambda t: cpu_gemm.w4a16(t, pw) * 2, backend="eager", fullgraph=True)
     assert same(f(x), ref.w4a16(x, packed, scales, g) * 2)
+
+
+def test_fma32_rounds_once():
+    """The reference's fp32 FMA: checked against exact rational arithmetic on random
+    triples and on ones built so that the float64 sum lands exactly on an fp32
+    midpoint it is not (naive float64-then-fp32 rounds those the wrong way)."""
+    from fractions import Fraction
+
+    gen = torch.Generator().manual_seed(20)
+    a = torch.randn(3000, generator=gen) * torch.exp2(torch.randint(-30, 30, (3000,), generator=gen))
+    b = torch.randn(3000, generator=gen)
+    c = torch.randn(3000, generator=gen) * torch.exp2(torch.randint(-30, 30, (3000,), generator=gen))
+    u = 2.0**-23
+    # c = 1 + u (odd), a*b = 2^-24 - 2^-70: the exact sum is just below the midpoint
+    # 1 + 1.5u, its float64 rounding is the midpoint, ties-to-even would go up.
+    a = torch.cat([a, torch.tensor([2.0**-24 * (1 + u), -(2.0**-24) * (1 + u)])])
+    b = torch.cat([b, torch.tensor([1 - u, 1 - u])])
+    c = torch.cat([c, torch.tensor([1 + u, -(1 + u)])])
+    got = ref.fma32(a, b, c)
+    assert float(got[-2]) == 1 + u and float(got[-1]) == -(1 + u)
+    naive = (a.double() * b.double() + c.double()).float()
+    assert float(naive[-2]) != 1 + u  # the case is the hard one
+    for ai, bi, ci, gi in zip(a.tolist(), b.tolist(), c.tolist(), got.tolist(), strict=True):
+        exact = Fraction(ai) * Fraction(bi) + Fraction(ci)
+        r = torch.tensor([gi], dtype=torch.float32)
+        lo = torch.nextafter(r, torch.tensor([-float("inf")]))
+        hi = torch.nextafter(r, torch.tensor([float("inf")]))
+        err = abs(exact - Fraction(gi))
+        assert err <= abs(exact - Fraction(float(lo))) and err <= abs(exact - Fraction(float(hi)))
+        if err == abs(exact - Fraction(float(lo))) or err == abs(exact - Fraction(float(hi))):
+            assert r.view(torch.int32).item() % 2 == 0  # a tie: to even

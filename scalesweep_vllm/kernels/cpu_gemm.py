@@ -2,7 +2,8 @@
 
 :func:`pack` repacks a checkpoint's NVFP4 weight once (at load) into the C++ kernels'
 layout (``kernels/cpu/nvfp4_gemm.cpp``): output channels in tiles of 16, for each
-tile and input feature the 16 codes in 8 bytes, and the fp8 block scales as
+tile and 4 input features their 64 codes in 32 bytes (in the order AVX2's interleaves
+produce), and the fp8 block scales as
 ``[tiles, K/16, 16]``; memory stays ``K/2 + K/16`` bytes per output channel plus one
 fp32 per channel (its global scale, or alpha). :func:`w4a16` and :func:`w4a4` run the
 GEMMs, bit for bit the arithmetic of :mod:`scalesweep_vllm.gemm_reference` (fixed fp32
@@ -51,7 +52,7 @@ class PackedWeight:
     """A weight in the kernels' layout; ``rows`` is fp32 ``[tiles * 16]``: G_w per
     output channel (W4A16) or alpha = 1 / (G_a G_w) per channel (W4A4), padding 1."""
 
-    codes: torch.Tensor  # uint8 [tiles, K, 8]
+    codes: torch.Tensor  # uint8 [tiles, K, 8], groups of 4 features in 32 bytes
     scales: torch.Tensor  # uint8 [tiles, K/16, 16]
     rows: torch.Tensor  # fp32 [tiles * 16]
     n: int
@@ -97,8 +98,11 @@ def pack(
         codes = torch.cat([codes, codes.new_zeros(pad, k)])
         sb = torch.cat([sb.cpu(), sb.new_zeros(pad, sb.shape[1]).cpu()])
         rows = torch.cat([rows, rows.new_ones(pad)])
-    codes = codes.view(t, TILE, k).transpose(1, 2)  # [T, K, 16]
-    tiled = (codes[..., :8] | (codes[..., 8:] << 4)).contiguous()
+    codes = codes.view(t, TILE, k).transpose(1, 2)  # [T, K, 16]: tile, feature, channel
+    # groups of 4 features in 32 bytes: channel c of feature kj at byte
+    # 16 * ((c % 8) // 4) + 4 * kj + c % 4, low nibble for c < 8 (nvfp4_gemm.cpp)
+    byte = (codes[..., :8] | (codes[..., 8:] << 4)).reshape(t, k // 4, 4, 2, 4)
+    tiled = byte.permute(0, 1, 3, 2, 4).reshape(t, k, 8).contiguous()
     st = sb.cpu().reshape(t, TILE, k // nvfp4.BLOCK_SIZE).transpose(1, 2).contiguous()
     return PackedWeight(tiled, st, rows.contiguous(), n, k)
 

@@ -2,12 +2,13 @@
 // arithmetic of scalesweep_vllm/gemm_reference.py, bit for bit, on every ISA build.
 //
 // Weight layout (repacked once at load by kernels/cpu_gemm.py): output channels in
-// tiles of 16; for tile t and input feature k, 8 bytes hold the 16 codes, byte j the
-// code of channel 16t + j (low nibble) and 16t + 8 + j (high nibble). So one 8-byte
-// load decodes to one 16-lane vector over the tile's channels (AVX-512: one
-// vpermps of a 16-entry table; AVX2: two 8-entry vpermps and the sign bit; generic:
-// a table lookup per lane), and the GEMM runs as outer products: for each k,
-// acc[m] += x[m, k] * w[k, 16 channels]. Scales: [tiles, K/16, 16] fp8 bytes.
+// tiles of 16, input features in groups of 4; a group's 64 codes (4 features x 16
+// channels) in 32 bytes, the code of feature kj (0..3) and channel c (0..15) in byte
+// 16 * ((c % 8) / 4) + 4 * kj + c % 4, low nibble for c < 8, high for c >= 8. That
+// order is what AVX2's in-lane byte and word interleaves produce, so a group decodes
+// in 20 instructions straight to fp32 (decode4); every build reads the same layout.
+// The GEMM runs as outer products: for each k, P[m] += x[m, k] * 2q[k, 16 channels].
+// Scales: [tiles, K/16, 16] fp8 bytes.
 //
 // Arithmetic (what makes every build, every thread count and every batch size give
 // the same bits, and what the reference reproduces). fma(a, b, c) is the fused
@@ -123,60 +124,54 @@ struct Table {
   }
 };
 
-// 8 bytes -> 16 lanes: lane j < 8 from byte j's low nibble, lane 8 + j from its high one.
-GEMM_INLINE V decode(const uint8_t* p8, const Table& t) {
-  V r;
-#if defined(__AVX512F__)
-  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p8));
-  __m512i w = _mm512_cvtepu8_epi32(_mm_unpacklo_epi64(b, b));
-  w = _mm512_srlv_epi32(w, _mm512_set_epi32(4, 4, 4, 4, 4, 4, 4, 4, 0, 0, 0, 0, 0, 0, 0, 0));
-  r.p[0] = (nf)_mm512_permutexvar_ps(w, _mm512_load_ps(t.v));  // low 4 bits index
-#elif defined(__AVX2__)
-  const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p8)));
-  const __m256 mag = _mm256_load_ps(t.v);  // entries 0..7: the magnitudes (times unit)
-  const __m256i sign = _mm256_set1_epi32(int32_t(0x80000000u));
-  // vpermps reads the low 3 bits of each index; the code's bit 3 is the sign
-  const __m256 lo = _mm256_permutevar8x32_ps(mag, w);
-  const __m256i ls = _mm256_and_si256(_mm256_slli_epi32(w, 28), sign);
-  const __m256i hw = _mm256_srli_epi32(w, 4);
-  const __m256 hi = _mm256_permutevar8x32_ps(mag, hw);
-  const __m256i hs = _mm256_and_si256(_mm256_slli_epi32(w, 24), sign);
-  r.p[0] = (nf)_mm256_xor_ps(lo, _mm256_castsi256_ps(ls));
-  r.p[1] = (nf)_mm256_xor_ps(hi, _mm256_castsi256_ps(hs));
-#else
-  alignas(64) float f[BS];
-  for (int j = 0; j < 8; ++j) {
-    f[j] = t.v[p8[j] & 15];
-    f[8 + j] = t.v[p8[j] >> 4];
-  }
-  r = load(f);
-#endif
-  return r;
-}
-
-// Four consecutive input features (32 bytes) -> four 16-lane vectors. With AVX2 the
-// codes become the integers 2q by two byte shuffles (vpshufb, a 16-entry table) for
-// all 64 lanes at once, then widen to fp32: 7 instructions per feature instead of
-// decode()'s 10.
+// One group (32 bytes, see the layout) -> four 16-lane vectors of the integers 2q, one
+// per input feature. AVX2: two byte shuffles (vpshufb, 16-entry tables) give the high
+// and low byte of each value's bf16 bit pattern (the values 2q are bf16-exact, their
+// low 16 fp32 bits zero), byte and word interleaves with zero make them fp32: 20
+// instructions for 64 values, no integer-to-float conversion.
 GEMM_INLINE void decode4(const uint8_t* p32, const Table& t, V q[4]) {
-#if defined(__AVX2__) && !defined(__AVX512F__)
-  const __m256i tab = _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12,
-                                       0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+#if defined(__AVX2__)
+  const __m256i thi = _mm256_setr_epi8(
+      0x00, 0x3F, 0x40, 0x40, 0x40, 0x40, 0x41, 0x41, 0x00, char(0xBF), char(0xC0), char(0xC0),
+      char(0xC0), char(0xC0), char(0xC1), char(0xC1), 0x00, 0x3F, 0x40, 0x40, 0x40, 0x40, 0x41,
+      0x41, 0x00, char(0xBF), char(0xC0), char(0xC0), char(0xC0), char(0xC0), char(0xC1),
+      char(0xC1));
+  const __m256i tlo = _mm256_setr_epi8(
+      0x00, char(0x80), 0x00, 0x40, char(0x80), char(0xC0), 0x00, 0x40, 0x00, char(0x80), 0x00,
+      0x40, char(0x80), char(0xC0), 0x00, 0x40, 0x00, char(0x80), 0x00, 0x40, char(0x80),
+      char(0xC0), 0x00, 0x40, 0x00, char(0x80), 0x00, 0x40, char(0x80), char(0xC0), 0x00, 0x40);
   const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i zero = _mm256_setzero_si256();
   const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p32));
-  const __m256i lo = _mm256_shuffle_epi8(tab, _mm256_and_si256(b, low4));
-  const __m256i hi = _mm256_shuffle_epi8(tab, _mm256_and_si256(_mm256_srli_epi16(b, 4), low4));
-  const __m128i l[2] = {_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1)};
-  const __m128i h[2] = {_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1)};
+  __m256 out[2][4];
+  for (int h = 0; h < 2; ++h) {  // h = 0: channels 0..7 (low nibbles), 1: 8..15
+    const __m256i n = h ? _mm256_and_si256(_mm256_srli_epi16(b, 4), low4)
+                        : _mm256_and_si256(b, low4);
+    const __m256i hi = _mm256_shuffle_epi8(thi, n), lo = _mm256_shuffle_epi8(tlo, n);
+    const __m256i w0 = _mm256_unpacklo_epi8(lo, hi), w1 = _mm256_unpackhi_epi8(lo, hi);
+    out[h][0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w0));
+    out[h][1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w0));
+    out[h][2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w1));
+    out[h][3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w1));
+  }
   for (int j = 0; j < 4; ++j) {
-    const __m128i lj = (j & 1) ? _mm_unpackhi_epi64(l[j >> 1], l[j >> 1]) : l[j >> 1];
-    const __m128i hj = (j & 1) ? _mm_unpackhi_epi64(h[j >> 1], h[j >> 1]) : h[j >> 1];
-    q[j].p[0] = (nf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lj));
-    q[j].p[1] = (nf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hj));
+#if defined(__AVX512F__)
+    q[j].p[0] = (nf)_mm512_insertf32x8(_mm512_castps256_ps512(out[0][j]), out[1][j], 1);
+#else
+    q[j].p[0] = (nf)out[0][j];
+    q[j].p[1] = (nf)out[1][j];
+#endif
   }
   (void)t;
 #else
-  for (int j = 0; j < 4; ++j) q[j] = decode(p32 + 8 * j, t);
+  for (int j = 0; j < 4; ++j) {
+    alignas(64) float f[BS];
+    for (int c = 0; c < BS; ++c) {
+      const uint8_t byte = p32[16 * ((c % 8) / 4) + 4 * j + c % 4];
+      f[c] = t.v[c < 8 ? byte & 15 : byte >> 4];
+    }
+    q[j] = load(f);
+  }
 #endif
 }
 
@@ -233,7 +228,7 @@ void decode_tile(const Packed& pw, int64_t t, const Table& tab, float* out) {
 // from `scratch` [K, 16] when given (TT = 1), else decoded here. Each (row, tile) is an
 // independent chain of dependent fused multiply-adds: with one row, TT = 4 tiles keep
 // enough of them in flight to hide the instruction's latency. Output [TT][MR][16] at y.
-template <int MR, int TT, bool W4A4>
+template <int MR, int TT, bool W4A4, bool SCRATCH>
 void tile_rows(const float* x, const float* sa, int64_t K, const Packed& pw, int64_t t0,
                const V* g, const float* fp8, const Table& tab, const float* scratch, float* y) {
   V acc[TT][MR], part[TT][MR];
@@ -247,7 +242,7 @@ void tile_rows(const float* x, const float* sa, int64_t K, const Packed& pw, int
       const int64_t k = b * BS + kk;
       for (int u = 0; u < TT; ++u) {
         V q[4];
-        if (scratch) {
+        if (SCRATCH) {  // a compile-time branch: the decoder's constants stay out of it
           for (int j = 0; j < 4; ++j) q[j] = load(scratch + (k + j) * BS);
         } else {
           decode4(pw.codes + ((t0 + u) * K + k) * 8, tab, q);
@@ -298,9 +293,9 @@ void run_tiles(int64_t M, int64_t N, int64_t T, int64_t K, torch::Tensor& out, c
       if (full == tt && tt > 1) {  // one or two rows, several tiles at once
         for (int u = 0; u < tt; ++u) g[u] = load(rows + (t0 + u) * BS);
         if (M == 1) {
-          tile_rows<1, 2, W4A4>(x, sa, K, pw, t0, g, fp8, tab, nullptr, ybuf);
+          tile_rows<1, 2, W4A4, false>(x, sa, K, pw, t0, g, fp8, tab, nullptr, ybuf);
         } else {
-          tile_rows<2, 2, W4A4>(x, sa, K, pw, t0, g, fp8, tab, nullptr, ybuf);
+          tile_rows<2, 2, W4A4, false>(x, sa, K, pw, t0, g, fp8, tab, nullptr, ybuf);
         }
         const int mr = int(M);
         for (int u = 0; u < tt; ++u) {
@@ -318,11 +313,20 @@ void run_tiles(int64_t M, int64_t N, int64_t T, int64_t K, torch::Tensor& out, c
           const int mr = int(std::min<int64_t>(MR, M - m0));
           const float* xr = x + m0 * K;
           const float* sr = W4A4 ? sa + m0 * nb : nullptr;
-          switch (mr) {
-            case 4: tile_rows<4, 1, W4A4>(xr, sr, K, pw, t, g, fp8, tab, sc, ybuf); break;
-            case 3: tile_rows<3, 1, W4A4>(xr, sr, K, pw, t, g, fp8, tab, sc, ybuf); break;
-            case 2: tile_rows<2, 1, W4A4>(xr, sr, K, pw, t, g, fp8, tab, sc, ybuf); break;
-            default: tile_rows<1, 1, W4A4>(xr, sr, K, pw, t, g, fp8, tab, sc, ybuf); break;
+          if (use_scratch) {
+            switch (mr) {
+              case 4: tile_rows<4, 1, W4A4, true>(xr, sr, K, pw, t, g, fp8, tab, sc, ybuf); break;
+              case 3: tile_rows<3, 1, W4A4, true>(xr, sr, K, pw, t, g, fp8, tab, sc, ybuf); break;
+              case 2: tile_rows<2, 1, W4A4, true>(xr, sr, K, pw, t, g, fp8, tab, sc, ybuf); break;
+              default: tile_rows<1, 1, W4A4, true>(xr, sr, K, pw, t, g, fp8, tab, sc, ybuf); break;
+            }
+          } else {
+            switch (mr) {
+              case 4: tile_rows<4, 1, W4A4, false>(xr, sr, K, pw, t, g, fp8, tab, sc, ybuf); break;
+              case 3: tile_rows<3, 1, W4A4, false>(xr, sr, K, pw, t, g, fp8, tab, sc, ybuf); break;
+              case 2: tile_rows<2, 1, W4A4, false>(xr, sr, K, pw, t, g, fp8, tab, sc, ybuf); break;
+              default: tile_rows<1, 1, W4A4, false>(xr, sr, K, pw, t, g, fp8, tab, sc, ybuf); break;
+            }
           }
           for (int r = 0; r < mr; ++r)
             std::memcpy(yp + (m0 + r) * N + n0, ybuf + r * BS, nv * sizeof(float));
