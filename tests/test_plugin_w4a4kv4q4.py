@@ -132,7 +132,7 @@ def test_every_quantized_op_matches_the_checkpoint(ckpt, engine, monkeypatch):
     meta = json.loads((ckpt / "scalesweep.json").read_text())
     sd = load_file(str(ckpt / "model.safetensors"))
     vec = load_file(str(ckpt / meta["vectors_file"]))
-    lin, kv_in, q_in = {}, [], []
+    lin, kv_in, q_in, backends = {}, [], [], {}
 
     def install(model):
         from scalesweep_vllm.plugin.linear import ScaleSweepLinearMethod
@@ -143,6 +143,7 @@ def test_every_quantized_op_matches_the_checkpoint(ckpt, engine, monkeypatch):
                 def hook(mod, args, out, name=name):
                     y = out[0] if isinstance(out, tuple) else out
                     lin.setdefault(name, []).append((args[0].clone(), y.clone()))
+                    backends[name] = mod.scalesweep_backend
 
                 m.register_forward_hook(hook)
             impl = getattr(m, "impl", None)
@@ -200,6 +201,22 @@ def test_every_quantized_op_matches_the_checkpoint(ckpt, engine, monkeypatch):
         v = sum(vec[p + ".input_weight"] for p in parts)
         g = sd[parts[0] + ".input_global_scale"]
         assert len(calls) == 4, name
+        if backends[name] == "packed":  # the GEMM's arithmetic exactly (gemm_reference.py)
+            from scalesweep_vllm import gemm_reference
+
+            packed = torch.cat([sd[p + ".weight_packed"] for p in parts])
+            scales = torch.cat([sd[p + ".weight_scale"] for p in parts])
+            alpha = torch.cat([
+                (1.0 / (g.float() * sd[p + ".weight_global_scale"].float())).expand(
+                    sd[p + ".weight_packed"].shape[0])
+                for p in parts
+            ])  # fmt: skip
+            for x, y in calls:
+                xp, xs = kernels.quantize(x, g, act, v)
+                want = gemm_reference.w4a4(xp.view(-1, xp.shape[-1]), xs.view(-1, xs.shape[-1]),
+                                           packed, scales, alpha)  # fmt: skip
+                assert torch.equal(y.reshape(want.shape), want.to(y.dtype)), name
+            continue
         for x, y in calls:
             want = torch.nn.functional.linear(kernels.fake_quantize(x, g, act, v), w)
             # same operands; only the GEMM's summation order (and, in bf16, the
