@@ -10,7 +10,9 @@ GEMMs, bit for bit the arithmetic of :mod:`scalesweep_vllm.gemm_reference` (fixe
 summation order: the result is the same for any batch, thread count and ISA build).
 
 Both are ``torch.library`` custom ops with fake implementations, so vLLM's compiled
-CPU mode (Dynamo + inductor) traces around them.
+CPU mode (Dynamo + inductor) traces around them; eager calls go to the extension
+directly (the custom-op dispatch costs tens of microseconds, as much as a small
+layer's whole GEMM at batch 1).
 """
 
 from __future__ import annotations
@@ -151,7 +153,11 @@ def w4a16(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
         raise ValueError(f"x must be a CPU tensor [..., {w.k}], got {tuple(x.shape)} on {x.device}")
     lead = tuple(x.shape[:-1])
     x2 = x.reshape(-1, w.k).to(torch.float32).contiguous()
-    return _w4a16_op(x2, w.codes, w.scales, w.rows, w.n).reshape(lead + (w.n,))
+    if torch.compiler.is_compiling():
+        y = _w4a16_op(x2, w.codes, w.scales, w.rows, w.n)
+    else:
+        y = cpu_backend.load().gemm_w4a16(x2, w.codes, w.scales, w.rows, w.n, _fp8_table())
+    return y.reshape(lead + (w.n,))
 
 
 def w4a4(xpacked: torch.Tensor, xscales: torch.Tensor, w: PackedWeight) -> torch.Tensor:
@@ -165,4 +171,8 @@ def w4a4(xpacked: torch.Tensor, xscales: torch.Tensor, w: PackedWeight) -> torch
     lead = tuple(xpacked.shape[:-1])
     xc = xpacked.reshape(-1, w.k // 2).contiguous()
     xs = xscales.reshape(-1, w.k // nvfp4.BLOCK_SIZE).contiguous().view(torch.uint8)
-    return _w4a4_op(xc, xs, w.codes, w.scales, w.rows, w.n).reshape(lead + (w.n,))
+    if torch.compiler.is_compiling():
+        y = _w4a4_op(xc, xs, w.codes, w.scales, w.rows, w.n)
+    else:
+        y = cpu_backend.load().gemm_w4a4(xc, xs, w.codes, w.scales, w.rows, w.n, _fp8_table())
+    return y.reshape(lead + (w.n,))
