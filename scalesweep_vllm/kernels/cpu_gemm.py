@@ -140,15 +140,23 @@ def _(xcodes, xscales, codes, scales, rows, n):
     return xcodes.new_empty((xcodes.shape[0], n), dtype=torch.float32)
 
 
-def _need():
-    why = available()
-    if why:
-        raise RuntimeError(f"packed NVFP4 GEMM: {why}")
+_READY: list = []  # the extension module, once it has been found to have the GEMMs
+
+
+def _module():
+    """The extension (RuntimeError saying why where the packed GEMMs cannot run);
+    checked once, the per-call path is a list lookup."""
+    if not _READY:
+        why = available()
+        if why:
+            raise RuntimeError(f"packed NVFP4 GEMM: {why}")
+        _READY.append(cpu_backend.load())
+    return _READY[0]
 
 
 def w4a16(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     """fp32 ``[..., N]``: x ``[..., K]`` (fp32/fp16/bf16, CPU) times the packed weight."""
-    _need()
+    mod = _module()
     if x.device.type != "cpu" or x.shape[-1] != w.k:
         raise ValueError(f"x must be a CPU tensor [..., {w.k}], got {tuple(x.shape)} on {x.device}")
     lead = tuple(x.shape[:-1])
@@ -156,14 +164,14 @@ def w4a16(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     if torch.compiler.is_compiling():
         y = _w4a16_op(x2, w.codes, w.scales, w.rows, w.n)
     else:
-        y = cpu_backend.load().gemm_w4a16(x2, w.codes, w.scales, w.rows, w.n, _fp8_table())
+        y = mod.gemm_w4a16(x2, w.codes, w.scales, w.rows, w.n, _fp8_table())
     return y.reshape(lead + (w.n,))
 
 
 def w4a4(xpacked: torch.Tensor, xscales: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     """fp32 ``[..., N]`` from the activation's NVFP4 codes uint8 ``[..., K/2]`` and
     scales float8_e4m3fn ``[..., K/16]`` (:func:`scalesweep_vllm.kernels.quantize`)."""
-    _need()
+    mod = _module()
     if xpacked.dtype != torch.uint8 or xpacked.shape[-1] * 2 != w.k:
         raise ValueError(f"activation codes must be uint8 [..., {w.k // 2}], got {tuple(xpacked.shape)}")
     if xscales.dtype != torch.float8_e4m3fn or xscales.shape[-1] * nvfp4.BLOCK_SIZE != w.k:
@@ -174,5 +182,5 @@ def w4a4(xpacked: torch.Tensor, xscales: torch.Tensor, w: PackedWeight) -> torch
     if torch.compiler.is_compiling():
         y = _w4a4_op(xc, xs, w.codes, w.scales, w.rows, w.n)
     else:
-        y = cpu_backend.load().gemm_w4a4(xc, xs, w.codes, w.scales, w.rows, w.n, _fp8_table())
+        y = mod.gemm_w4a4(xc, xs, w.codes, w.scales, w.rows, w.n, _fp8_table())
     return y.reshape(lead + (w.n,))
