@@ -62,6 +62,25 @@ def _vllm_gemm(w: torch.Tensor):
     return lambda x: layer.cpu_linear(x, layer.weight, None)
 
 
+def _time_all(x, w, pw16, pw4, ga, vgemm, reps: int) -> dict[str, float]:
+    """Seconds per call of each GEMM for input x (fp32; bf16 copy for the bf16 rows)."""
+    from scalesweep_vllm import kernels
+    from scalesweep_vllm.kernels import cpu_gemm
+
+    xb, wb = x.bfloat16(), w.bfloat16()
+    t = {
+        "torch bf16": _median(lambda: torch.nn.functional.linear(xb, wb), reps),
+        "torch fp32": _median(lambda: torch.nn.functional.linear(x, w), reps),
+        "packed W4A16": _median(lambda: cpu_gemm.w4a16(xb, pw16).bfloat16(), reps),
+        "packed W4A4": _median(
+            lambda: cpu_gemm.w4a4(*kernels.quantize(xb, ga, "mse"), pw4).bfloat16(), reps
+        ),
+    }
+    if vgemm is not None:
+        t["vllm bf16"] = _median(lambda: vgemm(xb), reps)
+    return t
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", choices=sorted(SHAPES), default="qwen1.5b")
@@ -98,25 +117,18 @@ def main(argv=None) -> int:
         vgemm = _vllm_gemm(wb)
         for m in args.m:
             x = torch.randn(m, k, generator=gen)
-            xb = x.bfloat16()
             ga = 448 * 6 / float(x.abs().max())
             pw4 = cpu_gemm.pack(packed, scales, torch.full((n,), 1.0 / (ga * gw)), "w4a4")
             reps = max(3, args.repeats // (1 if m < 64 else 3))
-            t = {
-                "torch bf16": _median(lambda: torch.nn.functional.linear(xb, wb), reps),
-                "torch fp32": _median(lambda: torch.nn.functional.linear(x, wf), reps),
-                "packed W4A16": _median(lambda: cpu_gemm.w4a16(xb, pw16).bfloat16(), reps),
-                "packed W4A4": _median(
-                    lambda: cpu_gemm.w4a4(*kernels.quantize(xb, ga, "mse"), pw4).bfloat16(), reps
-                ),
-            }
-            if vgemm is not None:
-                t["vllm bf16"] = _median(lambda: vgemm(xb), reps)
+            t = _time_all(x, wf, pw16, pw4, ga, vgemm, reps)
             base = t.get("vllm bf16", t["torch bf16"])
             row = {"layer": name, "n": n, "k": k, "m": m, "seconds": t,
                    "speedup_vs_bf16": {c: base / s for c, s in t.items()}}  # fmt: skip
             rows.append(row)
-            print(f"  {name} {n}x{k} M={m}: " + ", ".join(f"{c} {s * 1e3:.3f} ms" for c, s in t.items()))
+            print(
+                f"  {name} {n}x{k} M={m}: "
+                + ", ".join(f"{c} {s * 1e3:.3f} ms" for c, s in t.items())
+            )
     cols = ["vllm bf16", "torch bf16", "torch fp32", "packed W4A16", "packed W4A4"]
     cols = [c for c in cols if c in rows[0]["seconds"]]
     lines = ["| layer | N x K | M | " + " | ".join(f"{c} ms" for c in cols)

@@ -168,7 +168,10 @@ def main(argv=None) -> int:
     p.add_argument("--w4a4kv4q4", help="W4A4KV4Q4 checkpoint of the same model")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument(
-        "--backends", nargs="+", choices=["packed", "dequant"], default=["packed", "dequant"],
+        "--backends",
+        nargs="+",
+        choices=["packed", "dequant"],
+        default=["packed", "dequant"],
         help="Linear backends to serve the quantized checkpoints with (SCALESWEEP_LINEAR)",
     )
     p.add_argument("--prompt-len", type=int, default=128)

@@ -212,9 +212,13 @@ def test_fma32_rounds_once():
     from fractions import Fraction
 
     gen = torch.Generator().manual_seed(20)
-    a = torch.randn(3000, generator=gen) * torch.exp2(torch.randint(-30, 30, (3000,), generator=gen))
+    a = torch.randn(3000, generator=gen) * torch.exp2(
+        torch.randint(-30, 30, (3000,), generator=gen)
+    )
     b = torch.randn(3000, generator=gen)
-    c = torch.randn(3000, generator=gen) * torch.exp2(torch.randint(-30, 30, (3000,), generator=gen))
+    c = torch.randn(3000, generator=gen) * torch.exp2(
+        torch.randint(-30, 30, (3000,), generator=gen)
+    )
     u = 2.0**-23
     # c = 1 + u (odd), a*b = 2^-24 - 2^-70: the exact sum is just below the midpoint
     # 1 + 1.5u, its float64 rounding is the midpoint, ties-to-even would go up.

@@ -5,7 +5,6 @@ the engine holds <= 0.3x the bf16 bytes, and ``SCALESWEEP_LINEAR`` picks the bac
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -46,7 +45,9 @@ def _fused(tensors: dict, prefix: str, shards: list[str]):
         p = tensors[f"{prefix}.{s}.weight_packed"]
         packed.append(p)
         scales.append(tensors[f"{prefix}.{s}.weight_scale"])
-        rows.append(tensors[f"{prefix}.{s}.weight_global_scale"].float().reshape(1).expand(p.shape[0]))
+        rows.append(
+            tensors[f"{prefix}.{s}.weight_global_scale"].float().reshape(1).expand(p.shape[0])
+        )
     return torch.cat(packed), torch.cat(scales), torch.cat(rows)
 
 
@@ -119,7 +120,9 @@ def test_dequant_backend_still_serves(ckpt, engine, monkeypatch):
         sp1 = vllm.SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
         for o, d in zip(packed, llm.generate(prompts, sp1), strict=True):
             gen = o.outputs[0].token_ids
-            lp = torch.tensor([x[t].logprob for x, t in zip(o.outputs[0].logprobs, gen, strict=True)])
+            lp = torch.tensor(
+                [x[t].logprob for x, t in zip(o.outputs[0].logprobs, gen, strict=True)]
+            )
             tail = d.prompt_logprobs[-len(gen) :]
             lpd = torch.tensor([x[t].logprob for x, t in zip(tail, gen, strict=True)])
             assert (lp - lpd).abs().max() < 1e-3, (lp, lpd)

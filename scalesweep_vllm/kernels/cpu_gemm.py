@@ -73,7 +73,9 @@ def pack(
     kernel's exactness argument needs), alpha per channel for ``"w4a4"`` (positive).
     ValueError on shapes, dtypes, NaN scale codes or rows out of range."""
     if packed.dtype != torch.uint8 or packed.dim() != 2:
-        raise ValueError(f"packed weight must be uint8 [N, K/2], got {packed.dtype} {tuple(packed.shape)}")
+        raise ValueError(
+            f"packed weight must be uint8 [N, K/2], got {packed.dtype} {tuple(packed.shape)}"
+        )
     n, k = packed.shape[0], packed.shape[1] * 2
     if scales.dtype != torch.float8_e4m3fn or tuple(scales.shape) != (n, k // nvfp4.BLOCK_SIZE):
         raise ValueError(
@@ -92,7 +94,9 @@ def pack(
         raise ValueError(f"rows must be {n} finite positive fp32 values")
     lo, hi = nvfp4.GLOBAL_SCALE_MIN, nvfp4.GLOBAL_SCALE_MAX
     if kind == "w4a16" and bool(((rows < lo) | (rows > hi)).any()):
-        raise ValueError(f"global scales must lie in [2^-117, 2^115], got {rows.min()}..{rows.max()}")
+        raise ValueError(
+            f"global scales must lie in [2^-117, 2^115], got {rows.min()}..{rows.max()}"
+        )
     t = -(-n // TILE)
     pad = t * TILE - n
     codes = nvfp4.unpack_fp4(packed.cpu())  # [N, K]
@@ -173,7 +177,9 @@ def w4a4(xpacked: torch.Tensor, xscales: torch.Tensor, w: PackedWeight) -> torch
     scales float8_e4m3fn ``[..., K/16]`` (:func:`scalesweep_vllm.kernels.quantize`)."""
     mod = _module()
     if xpacked.dtype != torch.uint8 or xpacked.shape[-1] * 2 != w.k:
-        raise ValueError(f"activation codes must be uint8 [..., {w.k // 2}], got {tuple(xpacked.shape)}")
+        raise ValueError(
+            f"activation codes must be uint8 [..., {w.k // 2}], got {tuple(xpacked.shape)}"
+        )
     if xscales.dtype != torch.float8_e4m3fn or xscales.shape[-1] * nvfp4.BLOCK_SIZE != w.k:
         raise ValueError(f"activation scales must be float8_e4m3fn [..., {w.k // 16}]")
     lead = tuple(xpacked.shape[:-1])

@@ -16,8 +16,8 @@ Backends (chosen once per layer at load, :func:`choose_backend`):
 * ``packed`` (CPU, W4A16 and W4A4, the default there): the weight stays at 4.5 bits,
   repacked once at load (:func:`scalesweep_vllm.kernels.cpu_gemm.pack`), and each call
   runs our C++ NVFP4 GEMM (``kernels/cpu/nvfp4_gemm.cpp``): W4A16 multiplies the input
-  by the dequantized weight, summed in fp32 in k order; W4A4 quantizes the input with
-  ScaleSweep (the codes :func:`scalesweep_vllm.kernels.quantize` gives) and computes
+  by the dequantized weight (fp32 fused multiply-adds in a fixed order); W4A4 quantizes
+  the input with ScaleSweep (the codes :func:`scalesweep_vllm.kernels.quantize` gives) and computes
   the FP4 tensor core's arithmetic (exact integer block products times both block
   scales, an fp32 sum, ``alpha = 1 / (G_a G_w)`` per fused shard at the end); see
   :mod:`scalesweep_vllm.gemm_reference`. ``SCALESWEEP_LINEAR=dequant`` turns it off;
@@ -53,9 +53,9 @@ from vllm.model_executor.parameter import (
 from vllm.platforms import current_platform
 
 from .. import kernels
+from ..kernels import cpu_gemm
 from ..nvfp4 import BLOCK_SIZE
 from ..runtime import fused_input_weight
-from ..kernels import cpu_gemm
 from .compat import LINEAR_ENV, linear_backend
 
 __all__ = ["ScaleSweepLinearMethod", "choose_backend", "log_backend"]
