@@ -32,14 +32,7 @@ import torch
 
 from . import nvfp4
 
-__all__ = ["w4a16", "w4a4", "weight_values"]
-
-
-def weight_values(packed: torch.Tensor, scales: torch.Tensor, g_rows: torch.Tensor) -> torch.Tensor:
-    """fp32 ``[N, K]``: ``(v / G_w[n]) * e2m1``, the dequantized weight."""
-    g = g_rows.to(torch.float32).reshape(-1, 1)
-    s = (scales.to(torch.float32) / g).repeat_interleave(nvfp4.BLOCK_SIZE, dim=-1)
-    return s * nvfp4.decode_e2m1(nvfp4.unpack_fp4(packed))
+__all__ = ["fma32", "w4a16", "w4a4"]
 
 
 def fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

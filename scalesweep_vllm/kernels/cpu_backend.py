@@ -47,6 +47,7 @@ __all__ = [
     "build_log",
     "dequantize",
     "fake_quantize",
+    "fp8_table",
     "hessian_codes",
     "load",
     "isa",
@@ -280,9 +281,22 @@ def fake_quantize(x, global_scale, method, weight):
     return None if got is None else got[0].reshape(x.shape)
 
 
+def fp8_table() -> torch.Tensor:
+    """fp32 value of every fp8 e4m3 byte, NaN included (the extension's decoding table;
+    built once)."""
+    global _FP8_TABLE
+    if _FP8_TABLE is None:
+        _FP8_TABLE = (
+            torch.arange(256, dtype=torch.int32)
+            .to(torch.uint8)
+            .view(torch.float8_e4m3fn)
+            .to(torch.float32)
+        )
+    return _FP8_TABLE
+
+
 def dequantize(packed, scales, global_scale, dtype):
     """``(v / G) * q`` in ``dtype`` as :func:`scalesweep_vllm.kernels.dequantize`, or None."""
-    global _FP8_TABLE
     mod = load()
     if (
         mod is None
@@ -299,17 +313,10 @@ def dequantize(packed, scales, global_scale, dtype):
     g = torch.as_tensor(global_scale, dtype=torch.float32)
     if g.numel() != 1:
         return None
-    if _FP8_TABLE is None:
-        _FP8_TABLE = (
-            torch.arange(256, dtype=torch.int32)
-            .to(torch.uint8)
-            .view(torch.float8_e4m3fn)
-            .to(torch.float32)
-        )
     k2 = packed.shape[-1]
     p2 = packed.reshape(-1, k2).contiguous()
     s2 = scales.reshape(-1, scales.shape[-1]).contiguous().view(torch.uint8)
-    out = mod.dequant(p2, s2, float(g.reshape(())), dtype, _FP8_TABLE)
+    out = mod.dequant(p2, s2, float(g.reshape(())), dtype, fp8_table())
     return out.reshape(tuple(packed.shape[:-1]) + (k2 * 2,))
 
 

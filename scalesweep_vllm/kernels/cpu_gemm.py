@@ -27,16 +27,8 @@ from . import cpu_backend
 __all__ = ["PackedWeight", "available", "pack", "w4a16", "w4a4"]
 
 TILE = 16
-_TABLE: torch.Tensor | None = None
-
-
-def _fp8_table() -> torch.Tensor:
-    """fp32 value of every fp8 e4m3 byte (NaN for 0x7f / 0xff, which :func:`pack` refuses)."""
-    global _TABLE
-    if _TABLE is None:
-        _TABLE = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
-        _TABLE = _TABLE.to(torch.float32)
-    return _TABLE
+# The fp8 decoding table is cpu_backend.fp8_table() (its NaN entries 0x7f / 0xff are
+# never read: pack refuses those codes).
 
 
 def available() -> str:
@@ -118,7 +110,7 @@ def _w4a16_op(
     x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, rows: torch.Tensor, n: int
 ) -> torch.Tensor:
     mod = cpu_backend.load()
-    return mod.gemm_w4a16(x, codes, scales, rows, n, _fp8_table())
+    return mod.gemm_w4a16(x, codes, scales, rows, n, cpu_backend.fp8_table())
 
 
 @_w4a16_op.register_fake
@@ -136,7 +128,7 @@ def _w4a4_op(
     n: int,
 ) -> torch.Tensor:
     mod = cpu_backend.load()
-    return mod.gemm_w4a4(xcodes, xscales, codes, scales, rows, n, _fp8_table())
+    return mod.gemm_w4a4(xcodes, xscales, codes, scales, rows, n, cpu_backend.fp8_table())
 
 
 @_w4a4_op.register_fake
@@ -168,7 +160,7 @@ def w4a16(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     if torch.compiler.is_compiling():
         y = _w4a16_op(x2, w.codes, w.scales, w.rows, w.n)
     else:
-        y = mod.gemm_w4a16(x2, w.codes, w.scales, w.rows, w.n, _fp8_table())
+        y = mod.gemm_w4a16(x2, w.codes, w.scales, w.rows, w.n, cpu_backend.fp8_table())
     return y.reshape(lead + (w.n,))
 
 
@@ -188,5 +180,5 @@ def w4a4(xpacked: torch.Tensor, xscales: torch.Tensor, w: PackedWeight) -> torch
     if torch.compiler.is_compiling():
         y = _w4a4_op(xc, xs, w.codes, w.scales, w.rows, w.n)
     else:
-        y = mod.gemm_w4a4(xc, xs, w.codes, w.scales, w.rows, w.n, _fp8_table())
+        y = mod.gemm_w4a4(xc, xs, w.codes, w.scales, w.rows, w.n, cpu_backend.fp8_table())
     return y.reshape(lead + (w.n,))

@@ -284,6 +284,10 @@ class ScaleSweepLinearMethod(LinearMethodBase):
         layer.scalesweep_codes = Parameter(pw.codes, requires_grad=False)
         layer.scalesweep_scales = Parameter(pw.scales, requires_grad=False)
         layer.scalesweep_rows = Parameter(pw.rows, requires_grad=False)
+        # the kernels' view of the same tensors, built once rather than at every call
+        layer.scalesweep_packed = cpu_gemm.PackedWeight(
+            layer.scalesweep_codes, layer.scalesweep_scales, layer.scalesweep_rows, pw.n, pw.k
+        )
 
     def _prepare_cutlass(self, layer: torch.nn.Module, gw: torch.Tensor) -> None:
         from vllm.model_executor.layers.quantization.utils.nvfp4_utils import (
@@ -327,13 +331,7 @@ class ScaleSweepLinearMethod(LinearMethodBase):
         return torch.nn.functional.linear(x, layer.weight, bias)
 
     def _apply_packed(self, layer, x, bias):
-        pw = cpu_gemm.PackedWeight(
-            layer.scalesweep_codes,
-            layer.scalesweep_scales,
-            layer.scalesweep_rows,
-            layer.output_size_per_partition,
-            layer.input_size_per_partition,
-        )
+        pw = layer.scalesweep_packed
         if self.act_method is None:
             y = cpu_gemm.w4a16(x, pw)
         else:

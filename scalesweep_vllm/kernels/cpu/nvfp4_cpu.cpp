@@ -35,6 +35,7 @@
 #endif
 
 #include "nvfp4_gemm.h"
+#include "vector_width.h"
 
 // The vector helpers are small and take 64-byte structs: a call passes them through
 // memory, so they are always inlined.
@@ -55,18 +56,9 @@ namespace {
 // hardware's vectors are narrower (AVX2, SSE2, NEON), GCC 12 lowers their comparisons,
 // selects and shuffles lane by lane in scalar code and moves them through the stack
 // (seen on AVX2: AbsMax at 2% of a copy's bandwidth). Every operation below is the
-// native one applied piece by piece; with AVX-512 there is one piece.
-#if defined(__AVX512F__)
-constexpr int NB = 64;
-#elif defined(__AVX__)
-constexpr int NB = 32;
-#else
-constexpr int NB = 16;  // SSE2, NEON
-#endif
-constexpr int PIECES = 64 / NB;
+// native one applied piece by piece; with AVX-512 there is one piece (NB, PIECES, nf,
+// ni: vector_width.h).
 constexpr int NL = NB / 4;  // lanes per piece
-typedef float nf __attribute__((vector_size(NB)));
-typedef int32_t ni __attribute__((vector_size(NB)));
 typedef uint32_t nu __attribute__((vector_size(NB)));
 typedef uint16_t nh __attribute__((vector_size(NB / 2)));
 

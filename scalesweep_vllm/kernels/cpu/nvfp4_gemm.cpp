@@ -39,21 +39,13 @@
 #endif
 
 #include "nvfp4_gemm.h"
+#include "vector_width.h"
 
 #define GEMM_INLINE inline __attribute__((always_inline))
 
 namespace {
 
 constexpr int BS = 16;  // NVFP4 block, and channels per tile
-#if defined(__AVX512F__)
-constexpr int NB = 64;
-#elif defined(__AVX__)
-constexpr int NB = 32;
-#else
-constexpr int NB = 16;
-#endif
-constexpr int PIECES = 64 / NB;
-typedef float nf __attribute__((vector_size(NB)));
 typedef float nfu __attribute__((vector_size(NB), aligned(4)));
 
 // 16 fp32 lanes, one per channel of a tile.
@@ -183,7 +175,6 @@ GEMM_INLINE void decode4(const uint8_t* p32, const Table& t, V q[4]) {
 GEMM_INLINE V fp8_values(const uint8_t* s, const float* fp8) {
   V r;
 #if defined(__AVX2__) || defined(__AVX512F__)
-  typedef int32_t ni __attribute__((vector_size(NB)));
   for (int i = 0; i < PIECES; ++i) {
 #if defined(__AVX512F__)
     const ni b = (ni)_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
@@ -266,6 +257,19 @@ void tile_rows(const float* x, const float* sa, int64_t K, const Packed& pw, int
       store(y + (u * MR + r) * BS, W4A4 ? mul(mul(acc[u][r], 0.25f), g[u]) : acc[u][r]);
 }
 
+// tile_rows for one tile and mr (1..4) rows, the row count made a template argument.
+template <bool W4A4, bool SCRATCH>
+void rows_of_tile(int mr, const float* x, const float* sa, int64_t K, const Packed& pw,
+                  int64_t t, const V* g, const float* fp8, const Table& tab,
+                  const float* scratch, float* y) {
+  switch (mr) {
+    case 4: tile_rows<4, 1, W4A4, SCRATCH>(x, sa, K, pw, t, g, fp8, tab, scratch, y); break;
+    case 3: tile_rows<3, 1, W4A4, SCRATCH>(x, sa, K, pw, t, g, fp8, tab, scratch, y); break;
+    case 2: tile_rows<2, 1, W4A4, SCRATCH>(x, sa, K, pw, t, g, fp8, tab, scratch, y); break;
+    default: tile_rows<1, 1, W4A4, SCRATCH>(x, sa, K, pw, t, g, fp8, tab, scratch, y); break;
+  }
+}
+
 constexpr int MR = 4;      // rows of x per register tile
 constexpr int SCRATCH_M = MR;  // above this many rows, decode the tile once into scratch
 
@@ -314,19 +318,9 @@ void run_tiles(int64_t M, int64_t N, int64_t T, int64_t K, torch::Tensor& out, c
           const float* xr = x + m0 * K;
           const float* sr = W4A4 ? sa + m0 * nb : nullptr;
           if (use_scratch) {
-            switch (mr) {
-              case 4: tile_rows<4, 1, W4A4, true>(xr, sr, K, pw, t, g, fp8, tab, sc, ybuf); break;
-              case 3: tile_rows<3, 1, W4A4, true>(xr, sr, K, pw, t, g, fp8, tab, sc, ybuf); break;
-              case 2: tile_rows<2, 1, W4A4, true>(xr, sr, K, pw, t, g, fp8, tab, sc, ybuf); break;
-              default: tile_rows<1, 1, W4A4, true>(xr, sr, K, pw, t, g, fp8, tab, sc, ybuf); break;
-            }
+            rows_of_tile<W4A4, true>(mr, xr, sr, K, pw, t, g, fp8, tab, sc, ybuf);
           } else {
-            switch (mr) {
-              case 4: tile_rows<4, 1, W4A4, false>(xr, sr, K, pw, t, g, fp8, tab, sc, ybuf); break;
-              case 3: tile_rows<3, 1, W4A4, false>(xr, sr, K, pw, t, g, fp8, tab, sc, ybuf); break;
-              case 2: tile_rows<2, 1, W4A4, false>(xr, sr, K, pw, t, g, fp8, tab, sc, ybuf); break;
-              default: tile_rows<1, 1, W4A4, false>(xr, sr, K, pw, t, g, fp8, tab, sc, ybuf); break;
-            }
+            rows_of_tile<W4A4, false>(mr, xr, sr, K, pw, t, g, fp8, tab, sc, ybuf);
           }
           for (int r = 0; r < mr; ++r)
             std::memcpy(yp + (m0 + r) * N + n0, ybuf + r * BS, nv * sizeof(float));
@@ -336,8 +330,10 @@ void run_tiles(int64_t M, int64_t N, int64_t T, int64_t K, torch::Tensor& out, c
   });
 }
 
-void check_packed(const torch::Tensor& codes, const torch::Tensor& scales, int64_t K,
-                  int64_t N) {
+// The packed weight, its per-row fp32 tensor (G_w or alpha) and K against each other.
+void check_packed(const torch::Tensor& codes, const torch::Tensor& scales,
+                  const torch::Tensor& rows, int64_t K, int64_t N) {
+  TORCH_CHECK(K % BS == 0 && K > 0, "K must be a positive multiple of 16");
   TORCH_CHECK(codes.is_contiguous() && codes.scalar_type() == torch::kUInt8 && codes.dim() == 3 &&
                   codes.size(1) == K && codes.size(2) == 8,
               "codes: contiguous uint8 [tiles, K, 8]");
@@ -347,6 +343,9 @@ void check_packed(const torch::Tensor& codes, const torch::Tensor& scales, int64
                   scales.dim() == 3 && scales.size(0) == T && scales.size(1) == K / BS &&
                   scales.size(2) == BS,
               "scales: contiguous uint8 [tiles, K/16, 16]");
+  TORCH_CHECK(rows.is_contiguous() && rows.scalar_type() == torch::kFloat32 &&
+                  rows.numel() == T * BS,
+              "rows (G_w or alpha): fp32 [tiles * 16]");
 }
 
 const float* fp8_table(const torch::Tensor& table) {
@@ -363,12 +362,8 @@ torch::Tensor nvfp4_gemm_w4a16_cpu(torch::Tensor x, torch::Tensor codes, torch::
   TORCH_CHECK(x.is_contiguous() && x.scalar_type() == torch::kFloat32 && x.dim() == 2,
               "x: contiguous fp32 [M, K]");
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(K % BS == 0 && K > 0, "K must be a positive multiple of 16");
-  check_packed(codes, scales, K, N);
+  check_packed(codes, scales, g_rows, K, N);
   const int64_t T = codes.size(0);
-  TORCH_CHECK(g_rows.is_contiguous() && g_rows.scalar_type() == torch::kFloat32 &&
-                  g_rows.numel() == T * BS,
-              "g_rows: fp32 [tiles * 16]");
   const float* fp8 = fp8_table(table);
   torch::Tensor out = torch::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
@@ -387,15 +382,11 @@ torch::Tensor nvfp4_gemm_w4a4_cpu(torch::Tensor xcodes, torch::Tensor xscales,
                   xcodes.dim() == 2,
               "x codes: contiguous uint8 [M, K/2]");
   const int64_t M = xcodes.size(0), K = xcodes.size(1) * 2, nb = K / BS;
-  TORCH_CHECK(K % BS == 0 && K > 0, "K must be a positive multiple of 16");
+  check_packed(codes, scales, alpha_rows, K, N);
   TORCH_CHECK(xscales.is_contiguous() && xscales.scalar_type() == torch::kUInt8 &&
                   xscales.dim() == 2 && xscales.size(0) == M && xscales.size(1) == nb,
               "x scales: contiguous uint8 [M, K/16]");
-  check_packed(codes, scales, K, N);
   const int64_t T = codes.size(0);
-  TORCH_CHECK(alpha_rows.is_contiguous() && alpha_rows.scalar_type() == torch::kFloat32 &&
-                  alpha_rows.numel() == T * BS,
-              "alpha_rows: fp32 [tiles * 16]");
   const float* fp8 = fp8_table(table);
   torch::Tensor out = torch::empty({M, N}, alpha_rows.options());
   if (M == 0 || N == 0) return out;
