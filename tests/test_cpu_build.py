@@ -193,3 +193,56 @@ def test_setup_script_stops_on_a_failed_build(tmp_path):
     )
     assert res.returncode != 0 and "REACHED" not in res.stdout
     assert "not-a-level" in res.stderr
+
+
+def _private_cache_with_this_build(tmp_path, monkeypatch):
+    """A private extension cache holding a copy of this machine's build (no compile)."""
+    if not cpu_backend.available():
+        pytest.skip(f"no C++ backend here: {cpu_backend.why()}")
+    isa = cpu_backend.isa()
+    src = cpu_build.build_directory(isa)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    dst = cpu_build.build_directory(isa)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("lock", "scalesweep.flock"))
+    return isa, dst
+
+
+def test_a_killed_build_never_blocks_the_next(tmp_path, monkeypatch):
+    """Stop 33's CI timeout: a build killed inside torch's lock left ``lock`` behind,
+    and the next set-up waited on it until CI's 90 minutes ran out."""
+    isa, d = _private_cache_with_this_build(tmp_path, monkeypatch)
+    (d / "lock").touch()
+    code = f"from scalesweep_vllm.kernels import cpu_build; print(cpu_build.build({isa!r}).__file__)"
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().startswith(str(d))
+    assert "left by a build that was killed" in res.stderr
+    assert not (d / "lock").exists()
+
+
+def test_a_live_build_is_waited_for_and_named(tmp_path, monkeypatch):
+    """A build lock held by a live process is waited on (up to the timeout, then an
+    error naming it); the kernel frees it the moment its holder dies."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    isa = cpu_build.cpu_isas()[-1]
+    d = cpu_build.build_directory(isa)
+    d.mkdir(parents=True)
+    hold = (
+        "import fcntl, os, sys, time; f = open(sys.argv[1], 'a+'); "
+        "fcntl.flock(f, fcntl.LOCK_EX); f.write(str(os.getpid())); f.flush(); "
+        "print('held', flush=True); time.sleep(120)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(d / "scalesweep.flock")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(TimeoutError, match=f"pid {holder.pid}"):
+            cpu_build.build(isa, lock_timeout_s=1.0)
+    finally:
+        holder.kill()
+        holder.wait()
+    with cpu_build._build_lock(d, timeout_s=5.0):
+        assert (d / "scalesweep.flock").read_text() == str(os.getpid())

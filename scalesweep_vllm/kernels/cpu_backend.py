@@ -8,7 +8,8 @@ Inductor's C++ backend decides contraction and reduction order itself; a small
 extension with GCC vector types (16 fp32 lanes, one block per lane) does not.
 
 Built once per machine with torch's ``cpp_extension`` (g++ and ninja, no network)
-into ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``); one build per
+into ``$TORCH_EXTENSIONS_DIR/scalesweep`` (default ``~/.cache/torch_extensions``), under
+a lock that a killed build never leaves held (:func:`.cpu_build.build`); one build per
 instruction-set level (generic x86-64, AVX2, AVX-512; :mod:`.cpu_build`), the best
 this CPU runs unless ``SCALESWEEP_CPU_ISA`` says otherwise. ``scripts/setup.sh``
 builds it ahead (``python -m scalesweep_vllm.kernels.cpu_build``). Where it cannot

@@ -28,6 +28,7 @@ levels this CPU cannot run still build.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import platform
@@ -39,6 +40,7 @@ __all__ = [
     "ISAS",
     "ISA_ENV",
     "build",
+    "build_directory",
     "compile_object",
     "cpu_isas",
     "flags",
@@ -154,22 +156,88 @@ def toolchain() -> str:
     return " and ".join(missing)
 
 
-def build(isa: str | None = None, verbose: bool = False):
-    """Compile (or find in torch's extension cache) and import the extension for
-    ``isa`` (default :func:`requested_isa`). Raises on a level this CPU cannot run, and
-    with the compiler's output when the build fails."""
+def build_directory(isa: str) -> pathlib.Path:
+    """Where ``isa``'s build lives: ``$TORCH_EXTENSIONS_DIR`` (default
+    ``~/.cache/torch_extensions``) / ``scalesweep`` / the Python and torch versions /
+    :func:`module_name`. The torch version is in the path because the extension links
+    against torch's C++ ABI, which torch's own cache key does not include."""
+    import sys
+
+    import torch
+    from torch.utils import cpp_extension
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}"
+    return pathlib.Path(root) / "scalesweep" / tag / module_name(isa)
+
+
+@contextlib.contextmanager
+def _build_lock(directory: pathlib.Path, timeout_s: float):
+    """Hold ``directory``'s build lock: an advisory ``flock``, which the kernel drops
+    when its holder dies, so a killed build never blocks the next one.
+
+    torch's own lock (``directory/lock``, a file created with ``O_EXCL`` and waited on
+    forever while it exists) is left behind by a build that was killed. Every build of
+    this directory goes through this lock first, so a torch lock found while holding
+    it is such a leftover: it is removed, with a warning."""
+    import fcntl
+    import time
+    import warnings
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "scalesweep.flock", "a+") as f:
+        start = time.monotonic()
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() - start > timeout_s:
+                    f.seek(0)
+                    holder = f.read().strip() or "unknown"
+                    raise TimeoutError(
+                        f"another process (pid {holder}) has held the build lock of "
+                        f"{directory} for over {timeout_s:.0f} s; if it is gone, this is a bug"
+                    ) from None
+                time.sleep(0.2)
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(str(os.getpid()))
+            f.flush()
+            stale = directory / "lock"
+            if stale.exists():
+                warnings.warn(
+                    f"removing {stale}, left by a build that was killed", stacklevel=3
+                )
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def build(isa: str | None = None, verbose: bool = False, lock_timeout_s: float = 1800.0):
+    """Compile (or find in :func:`build_directory`) and import the extension for ``isa``
+    (default :func:`requested_isa`). Raises on a level this CPU cannot run, with the
+    compiler's output when the build fails, and ``TimeoutError`` when another live
+    process holds the build lock for over ``lock_timeout_s``. Processes building at
+    once (tensor-parallel workers, test runners) take turns; a killed build's leftovers
+    never block (:func:`_build_lock`)."""
     from torch.utils import cpp_extension
 
     isa = isa or requested_isa()
     if isa not in cpu_isas():
         raise ValueError(f"this CPU cannot run the {isa} build (it runs {', '.join(cpu_isas())})")
-    return cpp_extension.load(
-        name=module_name(isa),
-        sources=[str(s) for s in SOURCES],
-        extra_cflags=flags(isa),
-        extra_ldflags=["-fopenmp"],
-        verbose=verbose,
-    )
+    directory = build_directory(isa)
+    with _build_lock(directory, lock_timeout_s):
+        return cpp_extension.load(
+            name=module_name(isa),
+            sources=[str(s) for s in SOURCES],
+            extra_cflags=flags(isa),
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(directory),
+            verbose=verbose,
+        )
 
 
 def compile_object(isa: str, out: pathlib.Path, cxx: str = "g++", machine: str | None = None):
