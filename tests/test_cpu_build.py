@@ -212,7 +212,7 @@ def test_a_killed_build_never_blocks_the_next(tmp_path, monkeypatch):
     and the next set-up waited on it until CI's 90 minutes ran out."""
     isa, d = _private_cache_with_this_build(tmp_path, monkeypatch)
     (d / "lock").touch()
-    code = f"from scalesweep_vllm.kernels import cpu_build; print(cpu_build.build({isa!r}).__file__)"
+    code = f"from scalesweep_vllm.kernels import cpu_build as b; print(b.build({isa!r}).__file__)"
     res = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT
     )

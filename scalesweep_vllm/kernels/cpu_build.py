@@ -207,9 +207,7 @@ def _build_lock(directory: pathlib.Path, timeout_s: float):
             f.flush()
             stale = directory / "lock"
             if stale.exists():
-                warnings.warn(
-                    f"removing {stale}, left by a build that was killed", stacklevel=3
-                )
+                warnings.warn(f"removing {stale}, left by a build that was killed", stacklevel=3)
                 stale.unlink(missing_ok=True)
             yield
         finally:
