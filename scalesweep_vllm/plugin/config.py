@@ -34,6 +34,7 @@ from .metadata import (
     matches_ignore,
     resolve_settings,
 )
+from .modelopt import expand_excludes, is_modelopt_config, matches_exclude, parse_modelopt
 
 __all__ = ["ScaleSweepConfig"]
 
@@ -56,7 +57,17 @@ class ScaleSweepConfig(QuantizationConfig):
     def __init__(self, ct_config: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.ct_config = dict(ct_config or {})
-        self.ct = CompressedTensorsInfo.parse(self.ct_config) if ct_config else None
+        #: "compressed-tensors" (ours) or "modelopt" (NVIDIA ModelOpt's NVFP4 export,
+        #: :mod:`.modelopt`): which tensor names the Linear layers load.
+        self.checkpoint_format = (
+            "modelopt" if is_modelopt_config(self.ct_config) else "compressed-tensors"
+        )
+        if not ct_config:
+            self.ct = None
+        elif self.checkpoint_format == "modelopt":
+            self.ct = parse_modelopt(self.ct_config)
+        else:
+            self.ct = CompressedTensorsInfo.parse(self.ct_config)
         self.meta: ScaleSweepMetadata | None = None
         self.settings: RuntimeSettings | None = None
         self.model_dir: str | None = None
@@ -81,12 +92,16 @@ class ScaleSweepConfig(QuantizationConfig):
     def override_quantization_method(
         cls, hf_quant_cfg: dict[str, Any], user_quant: str | None, hf_config: Any = None
     ) -> str | None:
-        """Claim a compressed-tensors checkpoint, but only when the user asked for us."""
+        """Claim a compressed-tensors or ModelOpt NVFP4 checkpoint, but only when the
+        user asked for us (custom methods are asked before vLLM's own ModelOpt ones:
+        ``vllm/config/model.py`` ``_verify_quantization``)."""
         if user_quant != NAME:
             return None
         check_vllm_version()
         if hf_quant_cfg.get("quant_method") in ("compressed-tensors", NAME):
             return NAME
+        if is_modelopt_config(hf_quant_cfg):
+            return NAME  # from_config refuses a non-NVFP4 one, naming its quant_algo
         return None
 
     @classmethod
@@ -116,8 +131,9 @@ class ScaleSweepConfig(QuantizationConfig):
         except CheckpointError as exc:
             raise ValueError(f"scalesweep: {exc}") from exc
         logger.info(
-            "scalesweep: %s; activations=%s kv_cache=%s query=%s (%s)",
+            "scalesweep: %s (%s); activations=%s kv_cache=%s query=%s (%s)",
             folder,
+            self.checkpoint_format,
             self.settings.activations,
             self.settings.kv_cache,
             self.settings.query,
@@ -127,7 +143,10 @@ class ScaleSweepConfig(QuantizationConfig):
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
         """Rename ignore entries and vector/attention keys like vLLM renames modules."""
         if self.ct is not None and self.ct.ignore:
-            ignore = tuple(hf_to_vllm_mapper.apply_list(list(self.ct.ignore)))
+            ignore = list(self.ct.ignore)
+            if self.checkpoint_format == "modelopt":  # as vLLM's ModelOpt config does
+                ignore = expand_excludes(ignore)
+            ignore = tuple(hf_to_vllm_mapper.apply_list(ignore))
             self.ct = CompressedTensorsInfo(self.ct.activations, ignore, self.ct.kv_cache_scheme)
         if self.meta is not None:
             self.meta.vectors = hf_to_vllm_mapper.apply_dict(self.meta.vectors)
@@ -162,7 +181,12 @@ class ScaleSweepConfig(QuantizationConfig):
         settings = self._ensure_ready()
         if isinstance(layer, LinearBase):
             shards = self.shard_names(prefix)
-            skipped = [matches_ignore(s, self.ct.ignore) for s in shards]
+            if self.checkpoint_format == "modelopt":
+                skipped = [matches_exclude(s, self.ct.ignore) for s in shards]
+                if matches_exclude(prefix, self.ct.ignore):  # vLLM also tests the fused name
+                    skipped = [True] * len(shards)
+            else:
+                skipped = [matches_ignore(s, self.ct.ignore) for s in shards]
             if all(skipped):
                 return UnquantizedLinearMethod()
             if any(skipped):

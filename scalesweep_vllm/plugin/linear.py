@@ -121,6 +121,35 @@ def _tp_rank() -> int:
     return get_tensor_model_parallel_rank()
 
 
+#: Parameter names of the checkpoint formats (compressed-tensors' are the internal ones).
+_CT_NAMES = {n: n for n in ("weight_packed", "weight_global_scale", "input_global_scale")}
+_MODELOPT_E2M1 = (0, 0.5, 1, 1.5, 2, 3, 4, 6, 0, -0.5, -1, -1.5, -2, -3, -4, -6)
+_MODELOPT_NAMES = {
+    "weight_packed": "weight",
+    "weight_global_scale": "weight_scale_2",
+    "input_global_scale": "input_scale",
+}
+
+
+def modelopt_dequantize(
+    packed: torch.Tensor, scales: torch.Tensor, weight_scale_2: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """ModelOpt's decode, ``e2m1 * (fp8 * weight_scale_2)`` in fp32 then one cast
+    (``NVFP4QTensor.dequantize``, nvidia-modelopt 0.47, its table: code 8 is +0), in
+    row chunks."""
+    from ..nvfp4 import unpack_fp4
+
+    table = torch.tensor(_MODELOPT_E2M1, dtype=torch.float32, device=packed.device)
+    ws2 = weight_scale_2.to(torch.float32).reshape(())
+    out = torch.empty(packed.shape[0], packed.shape[1] * 2, dtype=dtype, device=packed.device)
+    step = max(1, (1 << 22) // max(1, packed.shape[1] * 2))
+    for r in range(0, packed.shape[0], step):
+        block = (scales[r : r + step].to(torch.float32) * ws2).repeat_interleave(BLOCK_SIZE, -1)
+        codes = unpack_fp4(packed[r : r + step]).to(torch.long)
+        out[r : r + step] = (table[codes] * block).to(dtype)
+    return out
+
+
 @register_weight_loader_v2_supported_method
 class ScaleSweepLinearMethod(LinearMethodBase):
     """NVFP4 weights (W4A16) or weights and runtime-quantized inputs (W4A4)."""
@@ -130,9 +159,13 @@ class ScaleSweepLinearMethod(LinearMethodBase):
         self.prefix = prefix
         self.shards = shards
         self.act_method = act_method
+        #: ModelOpt's export (plugin/modelopt.py): weight / weight_scale / weight_scale_2 /
+        #: input_scale, renamed to compressed-tensors' names first thing after loading.
+        self.modelopt = getattr(quant_config, "checkpoint_format", None) == "modelopt"
         # A W4A4 checkpoint holds input_global_scale even when the user turned
         # activation quantization off (SCALESWEEP_ACTIVATIONS=off): load and drop it.
-        self.has_input_scale = bool(quant_config.ct.activations)
+        # A weight-only ModelOpt export may still hold input_scale (vLLM drops it too).
+        self.has_input_scale = bool(quant_config.ct.activations) or self.modelopt
 
     def create_weights(
         self,
@@ -157,8 +190,9 @@ class ScaleSweepLinearMethod(LinearMethodBase):
         layer.input_size_per_partition = k
         layer.output_size_per_partition = n
         layer.params_dtype = params_dtype
+        names = _MODELOPT_NAMES if self.modelopt else _CT_NAMES
         layer.register_parameter(
-            "weight_packed",
+            names["weight_packed"],
             ModelWeightParameter(
                 data=torch.empty(n, k // 2, dtype=torch.uint8),
                 input_dim=1,
@@ -177,7 +211,7 @@ class ScaleSweepLinearMethod(LinearMethodBase):
         )
         shards = len(output_partition_sizes)
         layer.register_parameter(
-            "weight_global_scale",
+            names["weight_global_scale"],
             PerTensorScaleParameter(
                 data=torch.full((shards,), float("nan"), dtype=torch.float32),
                 weight_loader=loader,
@@ -185,7 +219,7 @@ class ScaleSweepLinearMethod(LinearMethodBase):
         )
         if self.has_input_scale:
             layer.register_parameter(
-                "input_global_scale",
+                names["input_global_scale"],
                 PerTensorScaleParameter(
                     data=torch.full((shards,), float("nan"), dtype=torch.float32),
                     weight_loader=loader,
@@ -214,7 +248,44 @@ class ScaleSweepLinearMethod(LinearMethodBase):
         return vec.contiguous()
 
     # -- after loading -------------------------------------------------------------
+    def _from_modelopt(self, layer: torch.nn.Module) -> None:
+        """ModelOpt's tensors under compressed-tensors' names (plugin/modelopt.py):
+        ``weight`` -> ``weight_packed`` (same packing), ``G_w = fl(1 / weight_scale_2)``
+        per shard, ``G_a = fl(1 / max(input_scale))`` for every shard of the group (as
+        vLLM's ``input_global_scale_inv``). The decode factors themselves are kept
+        (``scalesweep_ws2``, ``scalesweep_in_scale``) for ModelOpt's decode order and
+        vLLM's alpha."""
+        ws2 = layer.weight_scale_2.detach().to(torch.float32).clone()
+        if not torch.isfinite(ws2).all() or (ws2 <= 0).any():
+            raise ValueError(f"scalesweep: {self.prefix}.weight_scale_2 is {ws2.tolist()}")
+        layer.weight_packed = Parameter(layer.weight.data, requires_grad=False)
+        del layer.weight, layer.weight_scale_2
+        layer.weight_global_scale = Parameter(1.0 / ws2, requires_grad=False)
+        layer.scalesweep_ws2 = ws2
+        ins = layer.input_scale.detach().to(torch.float32).clone()
+        del layer.input_scale
+        layer.scalesweep_in_scale = None
+        if self.act_method is not None:
+            if not torch.isfinite(ins).all() or (ins <= 0).any():
+                raise ValueError(
+                    f"scalesweep: {self.prefix}.input_scale is {ins.tolist()} (W4A4 needs the "
+                    "calibrated input scales of every shard)"
+                )
+            if torch.unique(ins).numel() != 1:
+                logger.warning(
+                    "scalesweep: %s: fused shards have different input_scale %s; using the "
+                    "largest (as vLLM does)",
+                    self.prefix,
+                    ins.tolist(),
+                )
+            layer.scalesweep_in_scale = ins.max()
+            layer.input_global_scale = Parameter(
+                (1.0 / ins.max()).expand(ins.numel()).clone(), requires_grad=False
+            )
+
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        if self.modelopt:
+            self._from_modelopt(layer)
         gw = layer.weight_global_scale.detach().to(torch.float32)
         if not torch.isfinite(gw).all() or (gw <= 0).any():
             raise ValueError(f"scalesweep: {self.prefix}.weight_global_scale is {gw.tolist()}")
@@ -235,7 +306,7 @@ class ScaleSweepLinearMethod(LinearMethodBase):
                 )
             # Encode scale of the input (x * G_a before rounding), shared by the shards.
             layer.scalesweep_input_gs = ga.max().to(device)
-        if self.has_input_scale:
+        if self.has_input_scale and hasattr(layer, "input_global_scale"):
             del layer.input_global_scale
         vec = layer.scalesweep_input_weight
         if vec is not None:
@@ -251,10 +322,18 @@ class ScaleSweepLinearMethod(LinearMethodBase):
         """Decode once: each shard with its own global scale, so even a checkpoint
         whose fused partners disagree is reproduced exactly."""
         packed, scales = layer.weight_packed.data, layer.weight_scale.data
+        ws2 = getattr(layer, "scalesweep_ws2", None)  # a ModelOpt export: its decode order
         parts, row = [], 0
         for i, width in enumerate(layer.logical_widths):
             rows = slice(row, row + width)
-            parts.append(kernels.dequantize(packed[rows], scales[rows], gw[i], layer.params_dtype))
+            if ws2 is not None:
+                parts.append(
+                    modelopt_dequantize(packed[rows], scales[rows], ws2[i], layer.params_dtype)
+                )
+            else:
+                parts.append(
+                    kernels.dequantize(packed[rows], scales[rows], gw[i], layer.params_dtype)
+                )
             row += width
         weight = torch.cat(parts) if len(parts) > 1 else parts[0]
         del layer.weight_packed, layer.weight_scale, layer.weight_global_scale
@@ -273,8 +352,11 @@ class ScaleSweepLinearMethod(LinearMethodBase):
         shards keep their own global scales exactly."""
         widths = torch.tensor(layer.logical_widths)
         g_rows = gw.repeat_interleave(widths)
+        ws2 = getattr(layer, "scalesweep_ws2", None)
         if self.act_method is None:
             rows = g_rows
+        elif ws2 is not None:  # ModelOpt: vLLM's alpha = input_scale * weight_scale_2
+            rows = layer.scalesweep_in_scale * ws2.repeat_interleave(widths)
         else:
             rows = 1.0 / (layer.scalesweep_input_gs.to(torch.float32) * g_rows)
         kind = "w4a16" if self.act_method is None else "w4a4"
@@ -311,6 +393,9 @@ class ScaleSweepLinearMethod(LinearMethodBase):
         )
         # cutlass computes alpha * sum(a_q * a_s * w_q * w_s); decode scales are 1/G.
         alpha = 1.0 / (layer.scalesweep_input_gs.to(torch.float32) * g_w.to(layer.weight.device))
+        ws2 = getattr(layer, "scalesweep_ws2", None)
+        if ws2 is not None:  # ModelOpt: vLLM's alpha = input_scale * weight_scale_2
+            alpha = (layer.scalesweep_in_scale * ws2.max()).to(layer.weight.device)
         layer.scalesweep_alpha = alpha.reshape(()).to(torch.float32)
         del layer.weight_packed, layer.weight_global_scale
 
