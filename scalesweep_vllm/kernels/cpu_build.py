@@ -29,6 +29,7 @@ levels this CPU cannot run still build.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import pathlib
 import platform
@@ -159,8 +160,11 @@ def toolchain() -> str:
 def build_directory(isa: str) -> pathlib.Path:
     """Where ``isa``'s build lives: ``$TORCH_EXTENSIONS_DIR`` (default
     ``~/.cache/torch_extensions``) / ``scalesweep`` / the Python and torch versions /
-    :func:`module_name`. The torch version is in the path because the extension links
-    against torch's C++ ABI, which torch's own cache key does not include."""
+    :func:`module_name` and a hash of the paths the build commands name (the sources,
+    torch's and Python's headers). The torch version is in the path because the
+    extension links against torch's C++ ABI, which torch's own cache key does not
+    include; the paths because ninja rebuilds when a command changes, so two checkouts
+    or two venvs sharing one folder would rebuild it in turns."""
     import sys
 
     import torch
@@ -168,7 +172,14 @@ def build_directory(isa: str) -> pathlib.Path:
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
     tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}"
-    return pathlib.Path(root) / "scalesweep" / tag / module_name(isa)
+    # what build.ninja's commands name: the sources, torch's headers, Python's headers
+    paths = (
+        SOURCE.parent.resolve(),
+        pathlib.Path(torch.__file__).parent,
+        sysconfig.get_paths()["include"],
+    )
+    where = hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest()[:10]
+    return pathlib.Path(root) / "scalesweep" / tag / f"{module_name(isa)}-{where}"
 
 
 @contextlib.contextmanager

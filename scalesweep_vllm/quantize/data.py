@@ -17,8 +17,12 @@ from pathlib import Path
 
 import torch
 
+from . import hub
+from .dataset import DatasetSource, read_dataset
+
 __all__ = [
     "CalibrationWarning",
+    "as_dataset",
     "calibration_tokens",
     "load_calibration_source",
     "read_calibration_file",
@@ -155,6 +159,26 @@ def read_calibration_file(path: str | Path) -> tuple[list[str], str]:
     return docs, how + ")"
 
 
+def as_dataset(
+    calib: str | Path,
+    split: str | None = None,
+    column: str | None = None,
+    config: str | None = None,
+) -> DatasetSource | None:
+    """``calib`` as a dataset (a folder, or a hub id that is not an existing path), or
+    None for a calibration file. The dataset options are refused for a file."""
+    p = Path(calib).expanduser()
+    if p.is_dir() or (not p.exists() and hub.is_repo_id(str(calib))):
+        return DatasetSource(str(calib), split, column, config)
+    given = [f for f, v in (("split", split), ("column", column), ("config", config)) if v]
+    if given:
+        raise ValueError(
+            f"--calib-{'/--calib-'.join(given)} apply to a dataset, and --calib {calib} is a "
+            "file (a dataset is a hub id or a folder)"
+        )
+    return None
+
+
 def load_calibration_source(calib) -> tuple[list[str] | torch.Tensor | None, str | None]:
     """Read and check ``calib`` before the model loads: documents (or the token
     tensor, or None for the default corpus) and a description."""
@@ -167,6 +191,10 @@ def load_calibration_source(calib) -> tuple[list[str] | torch.Tensor | None, str
                 f"got {tuple(calib.shape)} {calib.dtype}"
             )
         return calib, f"token tensor {tuple(calib.shape)}"
+    if isinstance(calib, (str, Path)):
+        calib = as_dataset(calib) or calib
+    if isinstance(calib, DatasetSource):
+        return read_dataset(calib)
     if isinstance(calib, (str, Path)):
         return read_calibration_file(calib)
     docs = [str(d) for d in calib if str(d).strip()]
@@ -184,7 +212,8 @@ def calibration_tokens(
 ) -> tuple[torch.Tensor, str]:
     """Token ids ``[n, seq_len]`` (int64, n <= num_samples) and a description of the source.
 
-    ``calib``: None (default corpus), a file path, a list of texts, or a ready
+    ``calib``: None (default corpus), a file path, a dataset (a folder, a hub id or a
+    :class:`~.dataset.DatasetSource`: :mod:`.dataset`), a list of texts, or a ready
     token tensor ``[n, T]`` (used as is, first ``num_samples`` rows); or, with
     ``source`` given, what :func:`load_calibration_source` returned. With fewer
     tokens than ``num_samples * seq_len`` it returns as many full chunks as there
@@ -215,6 +244,8 @@ def calibration_tokens(
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for doc in docs:
+        if not isinstance(doc, str):
+            doc = _chat_text(tokenizer, doc, source)
         ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
         if eos is not None:
             ids.append(int(eos))
@@ -228,6 +259,17 @@ def calibration_tokens(
     if n == 0:
         return torch.tensor([ids], dtype=torch.int64), source
     return torch.tensor(ids[: n * seq_len], dtype=torch.int64).view(n, seq_len), source
+
+
+def _chat_text(tokenizer, messages, source: str) -> str:
+    """A conversation rendered by the model's chat template (its special tokens as text,
+    which the tokenizer then reads back as special tokens)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"calibration data ({source}) holds chat messages, and the model's tokenizer has "
+            "no chat template to render them; pick a text column with --calib-column"
+        )
+    return tokenizer.apply_chat_template(list(messages), tokenize=False)
 
 
 def shortfall_message(source: str, have: int, need: int, samples: int) -> str:

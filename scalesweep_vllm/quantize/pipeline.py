@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import kernels, nvfp4
 from ..rope_bias import SERVED_ARCHITECTURES, HFRope, attention_biases
-from . import calibration, data, layers, preflight, report, writer
+from . import calibration, data, hub, layers, preflight, report, writer
 from .gptq import GPTQConfig
 from .recipe import DEFAULT_GLOBAL_SCALE, DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, Recipe
 from .weights import GroupMember, QuantizedLinear, quantize_group
@@ -52,8 +52,10 @@ _O_PROJ_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo")
 
 def resolve_model_dir(model: str | Path | None) -> Path:
     """The model folder to load: ``model``, the default model (None), a GGUF file
-    converted once into the cache, or a registered name (:data:`assets.MODELS`, e.g.
-    ``qwen2.5-coder-1.5b``; an existing path of the same name wins); checked by
+    converted once into the cache, a registered name (:data:`assets.MODELS`, e.g.
+    ``qwen2.5-coder-1.5b``; an existing path of the same name wins) or a Hugging Face
+    hub id (its snapshot in the hub cache, downloaded when the hub is reachable,
+    :mod:`.hub`); checked by
     :func:`preflight.check_model_folder`. FileNotFoundError for a missing path or a
     name not set up yet (it names ``bash scripts/setup-model.sh NAME``), ValueError for
     anything unloadable."""
@@ -64,10 +66,12 @@ def resolve_model_dir(model: str | Path | None) -> Path:
     path = Path(model).expanduser()
     if not path.exists() and str(model) in assets.MODELS:
         path = assets.model_dir(str(model))
+    if not path.exists() and hub.is_repo_id(str(model)):
+        path = hub.snapshot(str(model), allow_patterns=hub.MODEL_FILES)
     if not path.exists():
         raise FileNotFoundError(
             f"model directory {path} does not exist (nor is it a registered model name: "
-            f"{', '.join(assets.MODELS)})"
+            f"{', '.join(assets.MODELS)}, or a Hugging Face hub id)"
         )
     preflight.check_model_folder(path)
     if path.is_file():
@@ -367,7 +371,12 @@ def prepare(
     )
     out = None
     if not dry_run and not in_memory:
-        calib_file = Path(calib) if isinstance(calib, (str, Path)) else None
+        where = getattr(calib, "path", calib)  # a DatasetSource's folder or hub id
+        calib_file = (
+            Path(where).expanduser()
+            if isinstance(where, (str, Path)) and Path(where).expanduser().exists()
+            else None
+        )
         out = preflight.check_output(output, overwrite, src_dir, calib_file)
         preflight.check_writable(out)
         if src_dir is not None:
