@@ -76,8 +76,11 @@ def _load(src: DatasetSource):
             return datasets.load_from_disk(where), src.path
         return datasets.load_dataset(where, name=src.config), src.path
     except Exception as err:  # noqa: BLE001 - datasets raises many kinds (and IndexError)
+        what = f"{src.path} is a directory, and" if folder.exists() else f"{src}:"
         raise ValueError(
-            f"--calib {src}: the datasets library cannot read it ({type(err).__name__}: {err})"
+            f"--calib {what} the datasets library cannot read it ({type(err).__name__}: "
+            f"{err}); pass a calibration file, a save_to_disk folder or a folder of "
+            "JSONL/Parquet/CSV files"
         ) from err
 
 

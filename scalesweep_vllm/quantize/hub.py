@@ -93,8 +93,8 @@ def snapshot(
         )
     except errors.RepositoryNotFoundError as err:
         raise FileNotFoundError(
-            f"{repo_id!r} is not a local path, and the hub has no {what} of that id, or it "
-            "is private or gated (log in with `hf auth login`, or pass a local folder)"
+            f"the Hugging Face hub has no {what} {repo_id!r}, or it is private or gated (log "
+            "in with `hf auth login`, or pass a local folder)"
         ) from err
     except errors.RevisionNotFoundError as err:
         raise FileNotFoundError(f"hub {what} {repo_id} has no revision {revision!r}") from err
@@ -103,14 +103,12 @@ def snapshot(
             raise
         if offline():
             raise FileNotFoundError(
-                f"{repo_id!r} is not a local path, and hub {what} {repo_id}{rev} is not in "
-                f"the Hugging Face cache ({_cache()}) while HF_HUB_OFFLINE is set: download "
-                f"it once with network (`hf download {repo_id}"
-                f"{' --repo-type dataset' if what == 'dataset' else ''}`) or pass a local "
-                "folder"
+                f"hub {what} {repo_id}{rev} is not in the Hugging Face cache ({_cache()}) "
+                f"and HF_HUB_OFFLINE is set: download it once with network (`hf download "
+                f"{repo_id}{' --repo-type dataset' if what == 'dataset' else ''}`) or pass a "
+                "local folder"
             ) from err
         raise OSError(
-            f"{repo_id!r} is not a local path, the Hugging Face hub cannot be reached "
-            f"({err.__cause__ or err}), and hub {what} {repo_id}{rev} is not in the cache "
-            f"({_cache()})"
+            f"the Hugging Face hub cannot be reached ({err.__cause__ or err}) and hub "
+            f"{what} {repo_id}{rev} is not in its cache ({_cache()})"
         ) from err

@@ -66,13 +66,17 @@ def resolve_model_dir(model: str | Path | None) -> Path:
     path = Path(model).expanduser()
     if not path.exists() and str(model) in assets.MODELS:
         path = assets.model_dir(str(model))
+    missing = (
+        f"model directory {path} does not exist (nor is it a registered model name: "
+        f"{', '.join(assets.MODELS)}"
+    )
     if not path.exists() and hub.is_repo_id(str(model)):
-        path = hub.snapshot(str(model), allow_patterns=hub.MODEL_FILES)
+        try:
+            path = hub.snapshot(str(model), allow_patterns=hub.MODEL_FILES)
+        except OSError as err:  # FileNotFoundError too: not cached, no such repository
+            raise FileNotFoundError(f"{missing}); as a Hugging Face hub id: {err}") from err
     if not path.exists():
-        raise FileNotFoundError(
-            f"model directory {path} does not exist (nor is it a registered model name: "
-            f"{', '.join(assets.MODELS)}, or a Hugging Face hub id)"
-        )
+        raise FileNotFoundError(f"{missing}, or a Hugging Face hub id)")
     preflight.check_model_folder(path)
     if path.is_file():
         return assets.convert_gguf(path)
