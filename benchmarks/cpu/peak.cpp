@@ -4,17 +4,10 @@
 // Kept out of the production extension: benchmark code must not be able to break it.
 #include <torch/extension.h>
 
-#include <cstdint>
+#include "../../scalesweep_vllm/kernels/cpu/vector_width.h"  // NB, nf: the backend's width
 
 namespace {
-#if defined(__AVX512F__)
-constexpr int NB = 64;
-#elif defined(__AVX__)
-constexpr int NB = 32;
-#else
-constexpr int NB = 16;
-#endif
-typedef float vf __attribute__((vector_size(NB)));  // the hardware's width
+typedef nf vf;  // the hardware's width
 constexpr int C = 12;  // independent chains: enough to hide latency, few enough for registers
 }  // namespace
 

@@ -54,7 +54,7 @@ from vllm.platforms import current_platform
 
 from .. import kernels
 from ..kernels import cpu_gemm
-from ..nvfp4 import BLOCK_SIZE
+from ..nvfp4 import BLOCK_SIZE, E2M1_VALUES
 from ..runtime import fused_input_weight
 from .compat import LINEAR_ENV, linear_backend
 
@@ -123,7 +123,8 @@ def _tp_rank() -> int:
 
 #: Parameter names of the checkpoint formats (compressed-tensors' are the internal ones).
 _CT_NAMES = {n: n for n in ("weight_packed", "weight_global_scale", "input_global_scale")}
-_MODELOPT_E2M1 = (0, 0.5, 1, 1.5, 2, 3, 4, 6, 0, -0.5, -1, -1.5, -2, -3, -4, -6)
+#: ModelOpt's decoding table: ours, except that code 8 decodes to +0 (ours: -0).
+_MODELOPT_E2M1 = (*E2M1_VALUES, 0.0, *(-v for v in E2M1_VALUES[1:]))
 _MODELOPT_NAMES = {
     "weight_packed": "weight",
     "weight_global_scale": "weight_scale_2",
